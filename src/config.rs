@@ -1,0 +1,550 @@
+//! Typed pipeline configuration: one TOML file plus `--set key=value` overrides.
+//!
+//! Invariant: every key is known. An unknown or mistyped key is an error that names
+//! the key and where it came from (the file, or the command line), never ignored.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What went wrong while reading or checking a pipeline configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Key {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+}
+
+/// The whole pipeline: where samples come from, where results go, which model and method.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub input: InputConfig,
+    pub output: OutputConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub tta: TtaConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Object-store URL or local path; may hold brace ranges and `*` globs.
+    pub url: String,
+    #[serde(default)]
+    pub format: InputFormat,
+    /// When true, a sample without a label gets status `missing_label` (it is still predicted).
+    #[serde(default)]
+    pub require_label: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    #[default]
+    Webdataset,
+}
+
+impl InputFormat {
+    /// File extension of this format's shards, used when the URL names a folder.
+    pub fn shard_extension(self) -> &'static str {
+        match self {
+            InputFormat::Webdataset => ".tar",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Object-store URL or local folder; predictions/, _commits/ and _runs/ go below it.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Local folder or object-store URL of a model bundle (a folder with bundle.toml).
+    pub bundle: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtaConfig {
+    #[serde(default)]
+    pub method: Method,
+    /// How many classes `topk_after` lists per row.
+    #[serde(default = "default_topk")]
+    pub topk: usize,
+}
+
+impl Default for TtaConfig {
+    fn default() -> Self {
+        TtaConfig {
+            method: Method::default(),
+            topk: default_topk(),
+        }
+    }
+}
+
+fn default_topk() -> usize {
+    5
+}
+
+/// Test-time adaptation methods. Only `source` exists so far; the others of
+/// ALGORITHM.md arrive with the engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    #[default]
+    Source,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Source => "source",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Bytes of fetched but not yet decoded sample data held in memory, at most.
+    #[serde(default = "default_prefetch_bytes")]
+    pub prefetch_bytes: ByteSize,
+    /// Shards read concurrently.
+    #[serde(default = "default_shards_in_flight")]
+    pub shards_in_flight: usize,
+    /// Object-store requests in flight at once, across the process.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
+    /// Times a shard whose stream breaks is read again before it is marked failed.
+    #[serde(default = "default_shard_retries")]
+    pub shard_retries: u32,
+    /// Images per classifier forward for methods that batch (`source`).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Threads of the decode pool; 0 means one per core.
+    #[serde(default)]
+    pub decode_threads: usize,
+    /// Threads torch may use for compute on CPU; 0 means torch's default.
+    #[serde(default)]
+    pub torch_threads: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            device: default_device(),
+            prefetch_bytes: default_prefetch_bytes(),
+            shards_in_flight: default_shards_in_flight(),
+            max_requests: default_max_requests(),
+            shard_retries: default_shard_retries(),
+            batch_size: default_batch_size(),
+            decode_threads: 0,
+            torch_threads: 0,
+            seed: 0,
+        }
+    }
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_prefetch_bytes() -> ByteSize {
+    ByteSize(512 << 20)
+}
+fn default_shards_in_flight() -> usize {
+    4
+}
+fn default_max_requests() -> usize {
+    64
+}
+fn default_shard_retries() -> u32 {
+    3
+}
+fn default_batch_size() -> usize {
+    64
+}
+
+/// Guards against hostile or broken input. Every limit has a safe default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest image (width x height) decoded; larger ones get status `too_large`.
+    /// Guards against decompression bombs: the check runs on the header, before decoding.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    /// Largest shard member read into memory; larger ones get status `too_large`.
+    #[serde(default = "default_max_member_bytes")]
+    pub max_member_bytes: ByteSize,
+    /// Timeout of one object-store request.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_pixels: default_max_pixels(),
+            max_member_bytes: default_max_member_bytes(),
+            request_timeout: default_request_timeout(),
+        }
+    }
+}
+
+fn default_max_pixels() -> u64 {
+    89_478_485 // PIL's decompression-bomb threshold
+}
+fn default_max_member_bytes() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_request_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+impl PipelineConfig {
+    /// Reads `path`, applies `--set` overrides in order, and checks every key.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path, overrides)
+    }
+
+    /// Parses configuration text; `path` only names the origin in errors.
+    pub fn from_toml_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.message().to_string(),
+        })?;
+        let mut overridden = Vec::new();
+        for arg in overrides {
+            overridden.push(apply_override(&mut table, arg)?);
+        }
+        let origin_of = |key: &str| {
+            overridden
+                .iter()
+                .rev()
+                .find(|(k, _)| key == k || key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{key}.")))
+                .map(|(_, arg)| format!("--set {arg}"))
+                .unwrap_or_else(|| path.display().to_string())
+        };
+        let config: PipelineConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = unknown_field_key(e.path().to_string(), &e.inner().to_string());
+            ConfigError::Key {
+                origin: origin_of(&key),
+                key,
+                message: e.inner().message().to_string(),
+            }
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError::Key {
+            origin: origin_of(key),
+            key: key.to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense; returns the offending key.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = |key, v: usize| {
+            if v == 0 {
+                Err((key, "must be at least 1".to_string()))
+            } else {
+                Ok(())
+            }
+        };
+        if self.input.url.trim().is_empty() {
+            return Err(("input.url", "must not be empty".into()));
+        }
+        if self.output.url.trim().is_empty() {
+            return Err(("output.url", "must not be empty".into()));
+        }
+        if self.model.bundle.trim().is_empty() {
+            return Err(("model.bundle", "must not be empty".into()));
+        }
+        positive("tta.topk", self.tta.topk)?;
+        positive("runtime.batch_size", self.runtime.batch_size)?;
+        positive("runtime.shards_in_flight", self.runtime.shards_in_flight)?;
+        positive("runtime.max_requests", self.runtime.max_requests)?;
+        if self.runtime.prefetch_bytes.0 < self.limits.max_member_bytes.0 {
+            return Err((
+                "runtime.prefetch_bytes",
+                format!(
+                    "{} is smaller than limits.max_member_bytes ({}): one sample could never fit",
+                    self.runtime.prefetch_bytes, self.limits.max_member_bytes
+                ),
+            ));
+        }
+        crate::model::device::DeviceSpec::from_str(&self.runtime.device).map_err(|e| ("runtime.device", e))?;
+        if self.limits.max_pixels == 0 {
+            return Err(("limits.max_pixels", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// serde reports an unknown field at its parent's path; point at the field itself.
+fn unknown_field_key(path: String, message: &str) -> String {
+    let field = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    match field {
+        Some(f) if path == "." || path.is_empty() => f.to_string(),
+        Some(f) if !path.ends_with(f) => format!("{path}.{f}"),
+        _ => path,
+    }
+}
+
+/// Applies one `a.b.c=value` override; returns (key, the argument) for error origins.
+/// The value is read as a TOML value when it parses as one (`3`, `true`, `"x"`, `[1,2]`),
+/// otherwise as a bare string, so `--set output.url=s3://b/x` needs no quoting.
+fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(String, String), ConfigError> {
+    let err = |message: &str| ConfigError::Override {
+        arg: arg.to_string(),
+        message: message.to_string(),
+    };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value"))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(err("the key must be dotted names, like runtime.device"));
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut node = table;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| err(&format!("`{}` is a value, not a table", parts[..=i].join("."))))?;
+    }
+    node.insert(parts[parts.len() - 1].to_string(), value);
+    Ok((key.to_string(), arg.to_string()))
+}
+
+/// A byte count written as `512MiB`, `2GB`, `64k` or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a byte size like 512MiB"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n >= 1 << 30 && n % (1 << 30) == 0 {
+            write!(f, "{}GiB", n >> 30)
+        } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+            write!(f, "{}MiB", n >> 20)
+        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+            write!(f, "{}KiB", n >> 10)
+        } else {
+            write!(f, "{n}B")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// A duration written as `500ms`, `30s`, `5m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s"))?;
+        let d = match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "s" | "" => Duration::from_secs(n),
+            "m" | "min" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s, m, h)")),
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 == 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[input]
+url = "data/shard-{000000..000009}.tar"
+[output]
+url = "out/"
+[model]
+bundle = "configs/bundles/demo-mnist"
+"#;
+
+    fn load(text: &str, sets: &[&str]) -> Result<PipelineConfig, ConfigError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        PipelineConfig::from_toml_str(text, Path::new("p.toml"), &sets)
+    }
+
+    #[test]
+    fn defaults_fill_missing_sections() {
+        let c = load(BASE, &[]).unwrap();
+        assert_eq!(c.runtime.device, "auto");
+        assert_eq!(c.runtime.prefetch_bytes, ByteSize(512 << 20));
+        assert_eq!(c.tta.method, Method::Source);
+        assert_eq!(c.input.format, InputFormat::Webdataset);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let err = load(&format!("{BASE}\n[runtime]\ndevcie = \"cpu\"\n"), &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("p.toml"), "{msg}");
+        assert!(msg.contains("runtime.devcie"), "{msg}");
+    }
+
+    #[test]
+    fn overrides_parse_values_and_create_tables() {
+        let c = load(
+            BASE,
+            &[
+                "runtime.batch_size=7",
+                "output.url=s3://bucket/x/",
+                "runtime.prefetch_bytes=1GiB",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.runtime.batch_size, 7);
+        assert_eq!(c.output.url, "s3://bucket/x/");
+        assert_eq!(c.runtime.prefetch_bytes, ByteSize(1 << 30));
+    }
+
+    #[test]
+    fn bad_override_names_the_argument() {
+        let err = load(BASE, &["runtime.batch_size=0"]).unwrap_err().to_string();
+        assert!(err.contains("--set runtime.batch_size=0"), "{err}");
+        let err = load(BASE, &["tta.methd=source"]).unwrap_err().to_string();
+        assert!(err.contains("tta.methd"), "{err}");
+        assert!(err.contains("--set"), "{err}");
+        let err = load(BASE, &["novalue"]).unwrap_err().to_string();
+        assert!(err.contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_values_are_errors() {
+        let err = load(BASE, &["runtime.batch_size=\"many\""]).unwrap_err().to_string();
+        assert!(err.contains("runtime.batch_size"), "{err}");
+        let err = load(BASE, &["runtime.device=tpu"]).unwrap_err().to_string();
+        assert!(err.contains("runtime.device"), "{err}");
+        let err = load(BASE, &["tta.method=magic"]).unwrap_err().to_string();
+        assert!(err.contains("tta.method") && err.contains("source"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!("64k".parse::<ByteSize>().unwrap(), ByteSize(64_000));
+        assert_eq!("3MiB".parse::<ByteSize>().unwrap(), ByteSize(3 << 20));
+        assert!("3XB".parse::<ByteSize>().is_err());
+        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
+        assert_eq!("2m".parse::<HumanDuration>().unwrap().0, Duration::from_secs(120));
+        assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
+    }
+}

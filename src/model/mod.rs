@@ -1,0 +1,6 @@
+//! Model bundles (bundle.toml + TorchScript) and the compute device.
+
+pub mod bundle;
+pub mod device;
+
+pub use bundle::{Bundle, BundleError, Classifier};

@@ -1,0 +1,157 @@
+//! Commit markers (`_commits/<shard>.json`) and run summaries (`_runs/<run_id>.json`).
+//!
+//! Hazard: stores that ignore `PutMode::Create` would let two workers both "commit" a
+//! shard; every store dtta supports (S3, GCS, Azure, local, memory) honours it.
+
+use std::collections::BTreeMap;
+
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::{SinkError, Tally};
+use crate::storage::Location;
+
+/// The proof that a shard is done, and what it produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitMarker {
+    pub shard: String,
+    pub run_id: String,
+    /// Predictions file, relative to the output URL.
+    pub predictions: String,
+    /// Where the shard was read from (credentials redacted).
+    pub source: String,
+    pub method: String,
+    pub worker_index: usize,
+    pub worker_count: usize,
+    pub committed_at: String,
+    pub tally: Tally,
+}
+
+/// What happened to a commit attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitResult {
+    Committed,
+    /// Another run committed this shard first; our output for it must be discarded.
+    AlreadyCommitted,
+}
+
+fn marker_relative(shard: &str) -> String {
+    format!("_commits/{shard}.json")
+}
+
+/// Creates the shard's marker unless one exists.
+pub async fn commit(out: &Location, marker: &CommitMarker) -> Result<CommitResult, SinkError> {
+    let rel = marker_relative(&marker.shard);
+    let body = serde_json::to_vec_pretty(marker).expect("markers serialize");
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    match out.store.put_opts(&out.child(&rel), PutPayload::from(body), opts).await {
+        Ok(_) => Ok(CommitResult::Committed),
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitResult::AlreadyCommitted),
+        Err(source) => Err(SinkError::Store {
+            path: out.display_child(&rel),
+            source,
+        }),
+    }
+}
+
+/// Ids of committed shards, from listing `_commits/` (no marker is read).
+pub async fn committed_ids(out: &Location) -> Result<Vec<String>, SinkError> {
+    let dir = out.child("_commits");
+    let list_err = |source| SinkError::Store {
+        path: out.display_child("_commits/"),
+        source,
+    };
+    let metas: Vec<_> = out.store.list(Some(&dir)).try_collect().await.map_err(list_err)?;
+    let mut ids: Vec<String> = metas
+        .iter()
+        .filter_map(|m| out.relative(&m.location))
+        .filter_map(|rel| rel.strip_prefix("_commits/")?.strip_suffix(".json").map(str::to_string))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Every commit marker below `out`, by shard id.
+pub async fn read_markers(out: &Location) -> Result<BTreeMap<String, CommitMarker>, SinkError> {
+    let mut markers = BTreeMap::new();
+    for id in committed_ids(out).await? {
+        let rel = marker_relative(&id);
+        let path = out.display_child(&rel);
+        let bytes = async { out.store.get(&out.child(&rel)).await?.bytes().await }
+            .await
+            .map_err(|source| SinkError::Store {
+                path: path.clone(),
+                source,
+            })?;
+        let marker: CommitMarker = serde_json::from_slice(&bytes).map_err(|e| SinkError::Corrupt {
+            path,
+            message: e.to_string(),
+        })?;
+        markers.insert(id, marker);
+    }
+    Ok(markers)
+}
+
+/// Removes predictions files of `shard` written by other runs (killed before their
+/// commit, or losers of a commit race). Call only after the shard is committed.
+pub async fn remove_orphans(out: &Location, shard: &str, keep: &str) -> Result<usize, SinkError> {
+    let (dir, base) = match shard.rsplit_once('/') {
+        Some((d, b)) => (format!("predictions/{d}"), b),
+        None => ("predictions".to_string(), shard),
+    };
+    let metas: Vec<_> = out
+        .store
+        .list_with_delimiter(Some(&out.child(&dir)))
+        .await
+        .map(|l| l.objects)
+        .or_else(|e| match e {
+            object_store::Error::NotFound { .. } => Ok(Vec::new()),
+            e => Err(e),
+        })
+        .map_err(|source| SinkError::Store {
+            path: out.display_child(&dir),
+            source,
+        })?;
+    let mut removed = 0;
+    for meta in metas {
+        let Some(name) = meta.location.filename() else { continue };
+        let Some(run) = name
+            .strip_prefix(base)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_suffix(".parquet"))
+        else {
+            continue;
+        };
+        // Run ids hold no dots, so `a.b.<run>.parquet` is never taken for shard `a`.
+        if run.contains('.') || out.relative(&meta.location).as_deref() == Some(keep) {
+            continue;
+        }
+        out.store
+            .delete(&meta.location)
+            .await
+            .map_err(|source| SinkError::Store {
+                path: meta.location.to_string(),
+                source,
+            })?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Writes `_runs/<run_id>.json`.
+pub async fn write_run_summary<T: Serialize>(out: &Location, run_id: &str, summary: &T) -> Result<String, SinkError> {
+    let rel = format!("_runs/{run_id}.json");
+    let body = serde_json::to_vec_pretty(summary).expect("summaries serialize");
+    out.store
+        .put(&out.child(&rel), PutPayload::from(body))
+        .await
+        .map_err(|source| SinkError::Store {
+            path: out.display_child(&rel),
+            source,
+        })?;
+    Ok(out.display_child(&rel))
+}

@@ -1,0 +1,184 @@
+//! Output: per-shard Parquet files, commit markers, run summaries.
+//!
+//! Invariant: a shard's rows count only once its commit marker exists. Data files are
+//! written first under names unique to the run (`predictions/<shard>.<run_id>.parquet`),
+//! then `_commits/<shard>.json` is created with `PutMode::Create`; a second writer of
+//! the same shard loses the race and removes its file. After a commit, files of the
+//! same shard left by killed runs are removed, so a plain `predictions/**/*.parquet`
+//! glob sees committed data plus, at most, shards still being written.
+
+pub mod commit;
+pub mod predictions;
+
+use std::collections::BTreeMap;
+
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use crate::storage::Location;
+use crate::tta::Outcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot write {path}: {source}")]
+    Parquet {
+        path: String,
+        source: parquet::errors::ParquetError,
+    },
+    #[error("cannot write {path}: {source}")]
+    Store { path: String, source: object_store::Error },
+    #[error("cannot read {path}: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+/// Rows per record batch handed to the Parquet writer.
+const BATCH_ROWS: usize = 4096;
+/// Rows per row group: DuckDB's default, also fine for Polars.
+const ROW_GROUP_ROWS: usize = 122_880;
+
+/// Counts kept per shard and per run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    pub rows: u64,
+    /// Rows per `status` value.
+    pub statuses: BTreeMap<String, u64>,
+    /// Rows with both a label and a prediction.
+    pub labelled: u64,
+    pub correct_before: u64,
+    pub correct_after: u64,
+    /// Sum of `adapt_ms` over predicted rows.
+    pub adapt_ms: f64,
+}
+
+impl Tally {
+    pub fn add(&mut self, o: &Outcome) {
+        self.rows += 1;
+        *self.statuses.entry(o.status.as_str().to_string()).or_default() += 1;
+        if let Some(after) = o.correct_after() {
+            self.labelled += 1;
+            self.correct_after += after as u64;
+            self.correct_before += o.correct_before().unwrap_or(false) as u64;
+        }
+        self.adapt_ms += o.adapt_ms;
+    }
+
+    pub fn merge(&mut self, other: &Tally) {
+        self.rows += other.rows;
+        for (k, v) in &other.statuses {
+            *self.statuses.entry(k.clone()).or_default() += v;
+        }
+        self.labelled += other.labelled;
+        self.correct_before += other.correct_before;
+        self.correct_after += other.correct_after;
+        self.adapt_ms += other.adapt_ms;
+    }
+
+    /// Top-1 accuracy after adaptation over labelled rows, if any.
+    pub fn accuracy_after(&self) -> Option<f64> {
+        (self.labelled > 0).then(|| self.correct_after as f64 / self.labelled as f64)
+    }
+
+    pub fn accuracy_before(&self) -> Option<f64> {
+        (self.labelled > 0).then(|| self.correct_before as f64 / self.labelled as f64)
+    }
+
+    /// Rows whose status is not `ok`.
+    pub fn not_ok(&self) -> u64 {
+        self.rows - self.statuses.get("ok").copied().unwrap_or(0)
+    }
+}
+
+/// Writes one shard's predictions file. Dropping it without `finish` writes nothing
+/// visible; call `abort` to also release multipart uploads.
+pub struct ShardWriter {
+    shard: String,
+    run_id: String,
+    method: &'static str,
+    path: Path,
+    display: String,
+    writer: AsyncArrowWriter<BufWriter>,
+    pending: Vec<Outcome>,
+    pub tally: Tally,
+}
+
+impl ShardWriter {
+    /// Relative path (below the output URL) of a shard's predictions file for a run.
+    pub fn relative_path(shard: &str, run_id: &str) -> String {
+        format!("predictions/{shard}.{run_id}.parquet")
+    }
+
+    pub fn create(out: &Location, run_id: &str, shard: &str, method: &'static str) -> Result<Self, SinkError> {
+        let rel = Self::relative_path(shard, run_id);
+        let path = out.child(&rel);
+        let display = out.display_child(&rel);
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_created_by(format!("dtta {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let buf = BufWriter::new(out.store.clone(), path.clone());
+        let writer = AsyncArrowWriter::try_new(buf, predictions::schema(), Some(props)).map_err(|source| {
+            SinkError::Parquet {
+                path: display.clone(),
+                source,
+            }
+        })?;
+        Ok(ShardWriter {
+            shard: shard.to_string(),
+            run_id: run_id.to_string(),
+            method,
+            path,
+            display,
+            writer,
+            pending: Vec::new(),
+            tally: Tally::default(),
+        })
+    }
+
+    pub fn shard(&self) -> &str {
+        &self.shard
+    }
+
+    pub async fn push(&mut self, outcome: Outcome) -> Result<(), SinkError> {
+        self.tally.add(&outcome);
+        self.pending.push(outcome);
+        if self.pending.len() >= BATCH_ROWS {
+            self.flush_batch().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_batch(&mut self) -> Result<(), SinkError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = predictions::record_batch(&self.run_id, &self.shard, self.method, &self.pending);
+        self.pending.clear();
+        self.writer.write(&batch).await.map_err(|source| SinkError::Parquet {
+            path: self.display.clone(),
+            source,
+        })
+    }
+
+    /// Completes the file; returns its relative path and the shard's tally.
+    pub async fn finish(mut self) -> Result<(String, Tally), SinkError> {
+        self.flush_batch().await?;
+        self.writer.close().await.map_err(|source| SinkError::Parquet {
+            path: self.display.clone(),
+            source,
+        })?;
+        Ok((Self::relative_path(&self.shard, &self.run_id), self.tally))
+    }
+
+    /// Drops everything written so far.
+    pub async fn abort(self) {
+        let mut inner = self.writer.into_inner();
+        if let Err(e) = inner.abort().await {
+            tracing::warn!(shard = %self.shard, "could not abort upload of {}: {e}", self.path);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The predictions table: one row per input sample. Column names and types are a
+//! contract with dashboards; add columns, never rename or retype them.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow_array::builder::{Float32Builder, Int64Builder, ListBuilder};
+use arrow_array::{ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+
+use crate::tta::Outcome;
+
+/// The predictions schema, in column order.
+pub fn schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let list = |item: DataType| DataType::List(Arc::new(Field::new("item", item, true)));
+            Arc::new(Schema::new(vec![
+                Field::new("run_id", DataType::Utf8, false),
+                Field::new("shard", DataType::Utf8, false),
+                Field::new("key", DataType::Utf8, false),
+                Field::new("label", DataType::Int64, true),
+                Field::new("status", DataType::Utf8, false),
+                Field::new("error", DataType::Utf8, true),
+                Field::new("method", DataType::Utf8, false),
+                Field::new("pred_before", DataType::Int64, true),
+                Field::new("conf_before", DataType::Float32, true),
+                Field::new("pred_after", DataType::Int64, true),
+                Field::new("conf_after", DataType::Float32, true),
+                Field::new("topk_after", list(DataType::Int64), false),
+                Field::new("topk_probs_after", list(DataType::Float32), false),
+                Field::new("loss_first", DataType::Float32, true),
+                Field::new("loss_last", DataType::Float32, true),
+                Field::new("steps", DataType::Int32, false),
+                Field::new("adapt_ms", DataType::Float64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// Builds one record batch of rows that share run, shard and method.
+pub fn record_batch(run_id: &str, shard: &str, method: &str, rows: &[Outcome]) -> RecordBatch {
+    let n = rows.len();
+    let repeat = |s: &str| Arc::new(StringArray::from(vec![s; n])) as ArrayRef;
+    let mut topk = ListBuilder::new(Int64Builder::new());
+    let mut topk_probs = ListBuilder::new(Float32Builder::new());
+    for r in rows {
+        topk.values().append_slice(&r.topk_after);
+        topk.append(true);
+        topk_probs.values().append_slice(&r.topk_probs_after);
+        topk_probs.append(true);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        repeat(run_id),
+        repeat(shard),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.key.as_str()))),
+        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.label))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.status.as_str()))),
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.error.as_deref()))),
+        repeat(method),
+        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.pred_before))),
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.conf_before))),
+        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.pred_after))),
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.conf_after))),
+        Arc::new(topk.finish()),
+        Arc::new(topk_probs.finish()),
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.loss_first))),
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.loss_last))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.steps as i32))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.adapt_ms))),
+    ];
+    RecordBatch::try_new(schema(), columns).expect("columns match the schema")
+}
