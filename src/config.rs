@@ -238,9 +238,15 @@ impl PipelineConfig {
 
     /// Parses configuration text; `path` only names the origin in errors.
     pub fn from_toml_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.message().to_string(),
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                message: match line {
+                    Some(line) => format!("line {line}: {}", e.message()),
+                    None => e.message().to_string(),
+                },
+            }
         })?;
         let mut overridden = Vec::new();
         for arg in overrides {
@@ -536,6 +542,12 @@ bundle = "configs/bundles/demo-mnist"
         assert!(err.contains("runtime.device"), "{err}");
         let err = load(BASE, &["tta.method=magic"]).unwrap_err().to_string();
         assert!(err.contains("tta.method") && err.contains("source"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_line() {
+        let err = load(&format!("{BASE}\n[runtime\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("p.toml") && err.contains("line 9"), "{err}");
     }
 
     #[test]

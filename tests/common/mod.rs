@@ -1,0 +1,214 @@
+//! Helpers shared by the integration tests: real shards, real bundle, real binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use arrow_array::{Array, Int64Array, StringArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn dtta() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dtta"));
+    cmd.env("DTTA_LOG", "info");
+    cmd
+}
+
+/// Runs `dtta` with args; returns the output (never panics on a non-zero exit).
+pub fn run_dtta(args: &[&str]) -> Output {
+    dtta().args(args).output().expect("dtta runs")
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+pub fn demo_bundle() -> PathBuf {
+    repo().join("configs/bundles/demo-mnist")
+}
+
+/// One demo sample: key, PNG bytes, label.
+#[derive(Clone)]
+pub struct DemoSample {
+    pub key: String,
+    pub png: Vec<u8>,
+    pub label: i64,
+}
+
+/// Every sample of the committed demo shards, in shard order.
+pub fn demo_samples() -> Vec<DemoSample> {
+    let mut out = Vec::new();
+    for i in 0..10 {
+        let path = repo().join(format!("data/demo-mnist/shard-{i:06}.tar"));
+        let mut archive = tar::Archive::new(File::open(path).unwrap());
+        let mut pending: BTreeMap<String, (Option<Vec<u8>>, Option<i64>)> = BTreeMap::new();
+        let mut order = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+            let (key, ext) = name.split_once('.').unwrap();
+            let slot = pending.entry(key.to_string()).or_insert_with(|| {
+                order.push(key.to_string());
+                (None, None)
+            });
+            match ext {
+                "png" => slot.0 = Some(data),
+                "cls" => slot.1 = Some(String::from_utf8(data).unwrap().trim().parse().unwrap()),
+                _ => {}
+            }
+        }
+        for key in order {
+            let (png, label) = pending.remove(&key).unwrap();
+            out.push(DemoSample {
+                key,
+                png: png.unwrap(),
+                label: label.unwrap(),
+            });
+        }
+    }
+    out
+}
+
+/// Writes a tar shard of (member name, bytes).
+pub fn write_tar(path: &Path, members: &[(String, Vec<u8>)]) {
+    let mut builder = tar::Builder::new(File::create(path).unwrap());
+    for (name, data) in members {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, name, data.as_slice()).unwrap();
+    }
+    builder.finish().unwrap();
+}
+
+/// A shard of demo samples as `<key>.png` + `<key>.cls`.
+pub fn write_demo_shard(path: &Path, samples: &[DemoSample]) {
+    let members: Vec<(String, Vec<u8>)> = samples
+        .iter()
+        .flat_map(|s| {
+            [
+                (format!("{}.png", s.key), s.png.clone()),
+                (format!("{}.cls", s.key), s.label.to_string().into_bytes()),
+            ]
+        })
+        .collect();
+    write_tar(path, &members);
+}
+
+/// A pipeline file with the demo bundle; `extra` is appended verbatim.
+pub fn write_pipeline(dir: &Path, input_url: &str, output_url: &str, extra: &str) -> PathBuf {
+    let path = dir.join("pipeline.toml");
+    let text = format!(
+        "[input]\nurl = \"{input_url}\"\n[output]\nurl = \"{output_url}\"\n[model]\nbundle = \"{}\"\n[runtime]\ndevice = \"cpu\"\n{extra}",
+        demo_bundle().display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One predictions row, the columns tests look at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub run_id: String,
+    pub shard: String,
+    pub key: String,
+    pub label: Option<i64>,
+    pub status: String,
+    pub error: Option<String>,
+    pub pred_after: Option<i64>,
+}
+
+pub fn read_parquet(path: &Path) -> Vec<Row> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let s = |name: &str| {
+            batch
+                .column_by_name(name)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone()
+        };
+        let i = |name: &str| {
+            batch
+                .column_by_name(name)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone()
+        };
+        let (run, shard, key, status, error) = (s("run_id"), s("shard"), s("key"), s("status"), s("error"));
+        let (label, pred) = (i("label"), i("pred_after"));
+        for r in 0..batch.num_rows() {
+            rows.push(Row {
+                run_id: run.value(r).to_string(),
+                shard: shard.value(r).to_string(),
+                key: key.value(r).to_string(),
+                label: label.is_valid(r).then(|| label.value(r)),
+                status: status.value(r).to_string(),
+                error: error.is_valid(r).then(|| error.value(r).to_string()),
+                pred_after: pred.is_valid(r).then(|| pred.value(r)),
+            });
+        }
+    }
+    rows
+}
+
+/// Shard id -> predictions file named by its commit marker.
+pub fn committed_files(out: &Path) -> BTreeMap<String, PathBuf> {
+    let mut files = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(out.join("_commits")) else {
+        return files;
+    };
+    for entry in dir {
+        let path = entry.unwrap().path();
+        let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let shard = marker["shard"].as_str().unwrap().to_string();
+        files.insert(shard, out.join(marker["predictions"].as_str().unwrap()));
+    }
+    files
+}
+
+/// Rows of every committed shard.
+pub fn committed_rows(out: &Path) -> Vec<Row> {
+    committed_files(out).values().flat_map(|p| read_parquet(p)).collect()
+}
+
+/// Every `.parquet` file under `out/predictions`, committed or not.
+pub fn all_prediction_files(out: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![out.join("predictions")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    found
+}

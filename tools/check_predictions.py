@@ -1,0 +1,73 @@
+"""Checks a dtta output against PyTorch: the same bundle, the same shards, in Python.
+
+Usage: python tools/check_predictions.py OUTPUT_DIR SHARDS_DIR BUNDLE_DIR
+
+Reads the committed predictions with pyarrow and with DuckDB (through the commit
+markers, the documented way), recomputes every prediction with torch.jit on images
+decoded by PIL, and fails unless every sample appears exactly once with the same
+predicted class. Prints the accuracy both ways. Grayscale bundles only (the demo).
+"""
+import glob
+import io
+import json
+import os
+import sys
+import tarfile
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import tomllib
+from PIL import Image
+
+
+def main():
+    out, shards, bundle = sys.argv[1:4]
+    markers = [json.load(open(p)) for p in glob.glob(os.path.join(out, "_commits", "**", "*.json"), recursive=True)]
+    files = [os.path.join(out, m["predictions"]) for m in markers]
+    table = pq.read_table(files)
+    rows = table.to_pylist()
+
+    # The documented DuckDB query: only rows of committed shards.
+    con = duckdb.connect()
+    query = f"""
+        SELECT p.key, p.pred_after
+        FROM read_parquet('{out}/predictions/**/*.parquet') p
+        SEMI JOIN read_json_auto('{out}/_commits/**/*.json') c
+          ON p.shard = c.shard AND p.run_id = c.run_id
+    """
+    duck = dict(con.sql(query).fetchall())
+    assert len(duck) == len(rows), f"duckdb sees {len(duck)} rows, pyarrow {len(rows)}"
+
+    spec = tomllib.load(open(os.path.join(bundle, "bundle.toml"), "rb"))
+    pre = spec["classifier"]["preprocess"]
+    model = torch.jit.load(os.path.join(bundle, spec["classifier"]["file"])).eval()
+    images, labels = {}, {}
+    for path in sorted(glob.glob(os.path.join(shards, "*.tar"))):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                data = tar.extractfile(member).read()
+                if ext == "png":
+                    images[key] = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float32)
+                elif ext == "cls":
+                    labels[key] = int(data)
+    keys = sorted(images)
+    x = torch.from_numpy(np.stack([images[k] for k in keys])).unsqueeze(1)
+    x = (x / 255.0 - pre["mean"][0]) / pre["std"][0]
+    with torch.no_grad():
+        expected = dict(zip(keys, model(x).argmax(1).tolist()))
+
+    seen = [r["key"] for r in rows]
+    assert len(seen) == len(set(seen)), "a key appears twice"
+    assert set(seen) == set(keys), f"{len(set(keys) - set(seen))} keys missing"
+    mismatched = [r["key"] for r in rows if r["pred_after"] != expected[r["key"]]]
+    assert not mismatched, f"{len(mismatched)} predictions differ from PyTorch, e.g. {mismatched[:5]}"
+    assert all(duck[k] == expected[k] for k in keys), "duckdb disagrees"
+    acc = np.mean([expected[k] == labels[k] for k in keys])
+    print(f"ok: {len(rows)} rows, each key once, predictions equal PyTorch's; top-1 {100 * acc:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
