@@ -6,8 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dtta-setup
 export PATH := $(HOME)/.cargo/bin:$(PATH)
-# tch builds against the venv's torch package (it holds include/ and lib/).
-export LIBTORCH = $(abspath $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/torch)))
+# tch builds against the venv's torch package (it holds include/ and lib/). Looked up by
+# the shell when a recipe runs: make's own wildcard caches the tree before setup made it.
+CARGO := LIBTORCH="$$(ls -d $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch | head -n 1)" cargo
 BIN := target/release/dtta
 
 .PHONY: help setup build demo test check-python fmt clean
@@ -25,7 +26,7 @@ $(STAMP): tools/requirements.txt
 setup: $(STAMP)
 
 build: setup
-	cargo build --release
+	$(CARGO) build --release
 
 demo: build
 	rm -rf out/demo
@@ -36,11 +37,11 @@ demo: build
 	@echo "Predictions: out/demo/predictions/*.parquet (committed shards: out/demo/_commits/)"
 
 test: setup
-	cargo test --release -- --test-threads=2
+	$(CARGO) test --release -- --test-threads=2
 
 fmt:
 	cargo fmt --all
 
 clean:
-	cargo clean
+	$(CARGO) clean
 	rm -rf out
