@@ -84,44 +84,178 @@ pub struct ModelConfig {
     pub bundle: String,
 }
 
+/// The method and its knobs. Defaults are the reference defaults of ALGORITHM.md.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TtaConfig {
-    #[serde(default)]
     pub method: Method,
     /// How many classes `topk_after` lists per row.
-    #[serde(default = "default_topk")]
     pub topk: usize,
+    /// Optimizer steps per image.
+    pub steps: usize,
+    /// Iterations whose gradients accumulate into one step (iterations = steps * accum).
+    pub accum: usize,
+    /// (t, eps) pairs per iteration.
+    pub samples_per_step: usize,
+    pub timesteps: Timesteps,
+    /// One eps shared by all samples of an iteration.
+    pub same_noise: bool,
+    pub loss: Loss,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub adapt: Adapt,
+    /// Restrict the condition mixture to the source top-K classes; 0 means all.
+    pub adapt_topk: usize,
+    pub mode: Mode,
+    pub precision: Precision,
+    pub tent: TentConfig,
+    pub diffusion_classifier: DiffusionClassifierConfig,
 }
 
 impl Default for TtaConfig {
     fn default() -> Self {
         TtaConfig {
             method: Method::default(),
-            topk: default_topk(),
+            topk: 5,
+            steps: 5,
+            accum: 12,
+            samples_per_step: 15,
+            timesteps: Timesteps::Uniform,
+            same_noise: false,
+            loss: Loss::Mse,
+            optimizer: OptimizerKind::Sgd,
+            lr: 5e-3,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            adapt: Adapt::ClassifierDiffusion,
+            adapt_topk: 0,
+            mode: Mode::Episodic,
+            precision: Precision::Fp32,
+            tent: TentConfig::default(),
+            diffusion_classifier: DiffusionClassifierConfig::default(),
         }
     }
 }
 
-fn default_topk() -> usize {
-    5
+/// TENT: entropy minimisation over norm-layer affine parameters, online.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TentConfig {
+    pub lr: f64,
+    pub momentum: f64,
 }
 
-/// Test-time adaptation methods. Only `source` exists so far; the others of
-/// ALGORITHM.md arrive with the engine.
+impl Default for TentConfig {
+    fn default() -> Self {
+        TentConfig {
+            lr: 1e-3,
+            momentum: 0.9,
+        }
+    }
+}
+
+/// Diffusion Classifier: predict the class whose condition gives the lowest loss.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionClassifierConfig {
+    /// (t, eps) pairs per class, shared by all classes.
+    pub samples: usize,
+    /// Keep only this many classes after a first pass; 0 means no pruning.
+    pub prune_to: usize,
+    /// Pairs of the first pass when pruning.
+    pub first_samples: usize,
+}
+
+impl Default for DiffusionClassifierConfig {
+    fn default() -> Self {
+        DiffusionClassifierConfig {
+            samples: 64,
+            prune_to: 0,
+            first_samples: 16,
+        }
+    }
+}
+
+/// Test-time adaptation methods of ALGORITHM.md.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     #[default]
     Source,
+    Tent,
+    DiffusionClassifier,
+    DiffusionTta,
 }
 
 impl Method {
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Source => "source",
+            Method::Tent => "tent",
+            Method::DiffusionClassifier => "diffusion-classifier",
+            Method::DiffusionTta => "diffusion-tta",
         }
     }
+
+    /// Whether the method needs the bundle's diffusion model.
+    pub fn needs_diffusion(self) -> bool {
+        matches!(self, Method::DiffusionClassifier | Method::DiffusionTta)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Timesteps {
+    /// Independent uniform draws from 0..T.
+    Uniform,
+    /// One random offset, then evenly spaced over 0..T.
+    Stratified,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    Mse,
+    L1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Adapt {
+    /// Every classifier parameter except the head, plus every denoiser parameter.
+    #[serde(rename = "classifier+diffusion")]
+    ClassifierDiffusion,
+    /// Every classifier parameter except the head.
+    #[serde(rename = "classifier")]
+    Classifier,
+    /// Affine parameters of the classifier's norm layers only.
+    #[serde(rename = "norm")]
+    Norm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Weights and optimizer state are restored after every image.
+    Episodic,
+    /// Adapted weights and optimizer state carry over from image to image.
+    Online,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast with fp32 weights; CUDA only.
+    Bf16,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -295,6 +429,24 @@ impl PipelineConfig {
             return Err(("model.bundle", "must not be empty".into()));
         }
         positive("tta.topk", self.tta.topk)?;
+        positive("tta.steps", self.tta.steps)?;
+        positive("tta.accum", self.tta.accum)?;
+        positive("tta.samples_per_step", self.tta.samples_per_step)?;
+        positive(
+            "tta.diffusion_classifier.samples",
+            self.tta.diffusion_classifier.samples,
+        )?;
+        if !(self.tta.lr > 0.0 && self.tta.lr.is_finite()) {
+            return Err(("tta.lr", format!("{} must be a positive number", self.tta.lr)));
+        }
+        if self.tta.diffusion_classifier.prune_to > 0
+            && self.tta.diffusion_classifier.first_samples >= self.tta.diffusion_classifier.samples
+        {
+            return Err((
+                "tta.diffusion_classifier.first_samples",
+                "must be smaller than tta.diffusion_classifier.samples when pruning".into(),
+            ));
+        }
         positive("runtime.batch_size", self.runtime.batch_size)?;
         positive("runtime.shards_in_flight", self.runtime.shards_in_flight)?;
         positive("runtime.max_requests", self.runtime.max_requests)?;

@@ -20,18 +20,21 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
+use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::config::Method as MethodName;
 use crate::config::PipelineConfig;
-use crate::image::{prepare, ClassifierView, DecodeLimits, Prepared};
+use crate::image::{prepare, DecodeLimits, Prepared, Views};
 use crate::model::device::{self, DeviceSpec};
 use crate::model::{Bundle, BundleError};
 use crate::shards::{webdataset, Defect, ReadLimits, Sample, SampleSink, ShardInput, Status};
 use crate::sink::commit::{self, CommitMarker, CommitResult};
 use crate::sink::{ShardWriter, SinkError, Tally};
 use crate::storage::{self, Location, ShardRef, StorageError, StoreOptions};
-use crate::tta::baselines::Source;
+use crate::tta::baselines::{DiffusionClassifier, Source, Tent};
+use crate::tta::engine::DiffusionTta;
 use crate::tta::{Method, Outcome};
 use crate::worker::Worker;
 
@@ -195,7 +198,14 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
 
     // The adapt thread loads the model itself: tch modules stay on the thread that owns
     // the device. It reports readiness before any I/O starts.
-    let view = bundle.classifier_view();
+    let views = Views {
+        classifier: bundle.classifier_view(),
+        diffusion: if config.tta.method.needs_diffusion() {
+            bundle.diffusion_view()
+        } else {
+            None
+        },
+    };
     let batch_size = config.runtime.batch_size;
     let (samples_tx, samples_rx) = mpsc::channel::<Event<Budgeted>>(256);
     let (prepared_tx, prepared_rx) = mpsc::channel::<Event<Prepared>>(batch_size * 2);
@@ -203,15 +213,16 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
     let (ready_tx, ready_rx) = oneshot::channel::<Result<(), PipelineError>>();
     let adapt_busy = Arc::new(AtomicU64::new(0));
     let adapt_thread = {
-        let topk = config.tta.topk;
+        let tta = config.tta.clone();
+        let seed = config.runtime.seed;
         let busy = adapt_busy.clone();
         std::thread::Builder::new()
             .name("dtta-adapt".into())
             .spawn(move || -> Result<(), PipelineError> {
-                let method: Box<dyn Method> = match bundle.load_classifier(device) {
-                    Ok(classifier) => Box::new(Source::new(classifier, batch_size, topk)),
+                let method = match build_method(&bundle, device, &tta, seed, batch_size) {
+                    Ok(method) => method,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.into()));
+                        let _ = ready_tx.send(Err(e));
                         return Ok(());
                     }
                 };
@@ -243,7 +254,7 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
         samples_rx,
         prepared_tx,
         Arc::new(pool),
-        view,
+        views,
         DecodeLimits {
             max_pixels: config.limits.max_pixels,
         },
@@ -287,6 +298,36 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
     report.adapt_busy_s = adapt_busy.load(Ordering::Relaxed) as f64 / 1e6;
     commit::write_run_summary(&plan.output, &run_id, &report).await?;
     Ok(report)
+}
+
+/// Loads the models the configured method needs and builds it (on the adapt thread).
+fn build_method(
+    bundle: &Bundle,
+    device: tch::Device,
+    tta: &crate::config::TtaConfig,
+    seed: u64,
+    batch_size: usize,
+) -> Result<Box<dyn Method>, PipelineError> {
+    let classifier = bundle.load_classifier(device)?;
+    Ok(match tta.method {
+        MethodName::Source => Box::new(Source::new(classifier, batch_size, tta.topk)),
+        MethodName::Tent => Box::new(Tent::new(classifier, &tta.tent, batch_size, tta.topk)?),
+        MethodName::DiffusionClassifier => {
+            let diffusion = bundle.load_diffusion(device)?;
+            Box::new(DiffusionClassifier::new(
+                classifier,
+                diffusion,
+                &tta.diffusion_classifier,
+                seed,
+                tta.topk,
+                batch_size.max(64),
+            ))
+        }
+        MethodName::DiffusionTta => {
+            let diffusion = bundle.load_diffusion(device)?;
+            Box::new(DiffusionTta::new(classifier, diffusion, tta, seed)?)
+        }
+    })
 }
 
 /// Messages between stages. Control events keep their order relative to items of the
@@ -411,23 +452,23 @@ async fn decode_stage(
     rx: mpsc::Receiver<Event<Budgeted>>,
     tx: mpsc::Sender<Event<Prepared>>,
     pool: Arc<rayon::ThreadPool>,
-    view: ClassifierView,
+    views: Views,
     limits: DecodeLimits,
     require_label: bool,
     depth: usize,
 ) {
-    let view = Arc::new(view);
+    let views = Arc::new(views);
     let mut ordered = tokio_stream_of(rx)
         .map(|event| -> BoxFuture<'static, Event<Prepared>> {
             match event {
                 Event::Control(c) => futures::future::ready(Event::Control(c)).boxed(),
                 Event::Item { shard, item } => {
                     let (done_tx, done_rx) = oneshot::channel();
-                    let view = view.clone();
+                    let views = views.clone();
                     let key = item.sample.key.clone();
                     let label = item.sample.label;
                     pool.spawn(move || {
-                        let prepared = prepare(item.sample, &view, limits, require_label);
+                        let prepared = prepare(item.sample, &views, limits, require_label);
                         drop(item._permit);
                         let _ = done_tx.send(prepared);
                     });
@@ -437,6 +478,7 @@ async fn decode_stage(
                             key,
                             label,
                             pixels: None,
+                            gen_pixels: None,
                             defect: Some(Defect::new(Status::DecodeError, "the image decoder panicked")),
                         });
                         Event::Item { shard, item }
@@ -576,11 +618,12 @@ impl SinkStage {
 
     async fn commit(&self, writer: ShardWriter, report: &mut RunReport) -> Result<(), PipelineError> {
         let shard = writer.shard().to_string();
-        let (file, tally) = writer.finish().await?;
+        let (predictions, steps, tally) = writer.finish().await?;
         let marker = CommitMarker {
             shard: shard.clone(),
             run_id: self.run_id.clone(),
-            predictions: file.clone(),
+            predictions: predictions.clone(),
+            steps: steps.clone(),
             source: self.sources.get(&shard).cloned().unwrap_or_default(),
             method: self.method.to_string(),
             worker_index: self.worker.index,
@@ -590,7 +633,7 @@ impl SinkStage {
         };
         match commit::commit(&self.output, &marker).await? {
             CommitResult::Committed => {
-                let removed = commit::remove_orphans(&self.output, &shard, &file).await?;
+                let removed = commit::remove_orphans(&self.output, &shard, &self.run_id).await?;
                 if removed > 0 {
                     tracing::info!(shard, "removed {removed} uncommitted file(s) of earlier runs");
                 }
@@ -602,7 +645,9 @@ impl SinkStage {
                     shard,
                     "another run committed this shard first; discarding this run's output for it"
                 );
-                let _ = commit::remove_orphans(&self.output, &shard, "").await;
+                for rel in [predictions, steps] {
+                    let _ = self.output.store.delete(&self.output.child(&rel)).await;
+                }
                 report.shards_lost_race.push(shard);
             }
         }

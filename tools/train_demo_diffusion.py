@@ -66,10 +66,13 @@ class Block(nn.Module):
 
 
 class DemoDiT(nn.Module):
-    def __init__(self, dim=96, depth=4, heads=4, num_classes=10):
+    def __init__(self, dim=64, depth=3, heads=4, num_classes=10):
         super().__init__()
         self.dim = dim
-        self.tokens = (RES // PATCH) ** 2
+        self.grid = RES // PATCH
+        self.patch_size = PATCH
+        self.channels = CH
+        self.tokens = self.grid**2
         self.patch = nn.Conv2d(CH, dim, PATCH, PATCH)
         self.pos = nn.Parameter(torch.randn(1, self.tokens, dim) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -86,15 +89,15 @@ class DemoDiT(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """cond is an embedding vector [N, D]: a label embedding or a mixture of them."""
         n = x_t.shape[0]
-        g = RES // PATCH
+        g, p, ch = self.grid, self.patch_size, self.channels
         x = self.patch(x_t).flatten(2).transpose(1, 2) + self.pos
         c = self.t_mlp(timestep_embedding(t, self.dim)) + cond
         for block in self.blocks:
             x = block(x, c)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
         x = self.out(modulate(self.final_norm(x), shift, scale))
-        x = x.reshape(n, g, g, PATCH, PATCH, CH).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(n, CH, RES, RES)
+        x = x.reshape(n, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(n, ch, g * p, g * p)
 
 
 def diffusion_view(images_u8: np.ndarray) -> torch.Tensor:
@@ -124,7 +127,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("bundle_dir")
     parser.add_argument("--iters", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)

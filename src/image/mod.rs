@@ -9,7 +9,7 @@ pub mod preprocess;
 use crate::shards::{Defect, Sample, Status};
 
 pub use decode::{decode, Channels, DecodedImage};
-pub use preprocess::ClassifierView;
+pub use preprocess::{ClassifierView, DiffusionView};
 
 /// A sample ready for the model: its classifier view, or the reason it has none.
 #[derive(Debug)]
@@ -18,6 +18,8 @@ pub struct Prepared {
     pub label: Option<i64>,
     /// CHW float pixels of the classifier view; `None` when the sample cannot be predicted.
     pub pixels: Option<Vec<f32>>,
+    /// CHW floats in [-1, 1] of the diffusion view, when the method needs one.
+    pub gen_pixels: Option<Vec<f32>>,
     /// Status other than `ok` and its reason, if any.
     pub defect: Option<Defect>,
 }
@@ -28,8 +30,25 @@ pub struct DecodeLimits {
     pub max_pixels: u64,
 }
 
+/// The views a method needs of each image.
+#[derive(Debug, Clone)]
+pub struct Views {
+    pub classifier: ClassifierView,
+    pub diffusion: Option<DiffusionView>,
+}
+
+impl Views {
+    /// Channels to decode into: RGB when either view wants it.
+    fn decode_channels(&self) -> Channels {
+        match (&self.classifier.channels, self.diffusion.as_ref().map(|d| d.channels)) {
+            (Channels::Rgb, _) | (_, Some(Channels::Rgb)) => Channels::Rgb,
+            _ => Channels::Gray,
+        }
+    }
+}
+
 /// Decodes and preprocesses one sample. Never fails: problems become the defect.
-pub fn prepare(sample: Sample, view: &ClassifierView, limits: DecodeLimits, require_label: bool) -> Prepared {
+pub fn prepare(sample: Sample, views: &Views, limits: DecodeLimits, require_label: bool) -> Prepared {
     let Sample {
         key,
         image,
@@ -37,9 +56,13 @@ pub fn prepare(sample: Sample, view: &ClassifierView, limits: DecodeLimits, requ
         mut defect,
     } = sample;
     let mut pixels = None;
+    let mut gen_pixels = None;
     if let Some(bytes) = image.filter(|_| defect.as_ref().is_none_or(|d| d.status.is_predicted())) {
-        match decode(&bytes, view.channels, limits.max_pixels) {
-            Ok(img) => pixels = Some(view.apply(img)),
+        match decode(&bytes, views.decode_channels(), limits.max_pixels) {
+            Ok(img) => {
+                pixels = Some(views.classifier.apply(&img));
+                gen_pixels = views.diffusion.as_ref().map(|d| d.apply(&img, &views.classifier));
+            }
             // An image problem outranks a label problem.
             Err(d) => defect = Some(d),
         }
@@ -54,6 +77,7 @@ pub fn prepare(sample: Sample, view: &ClassifierView, limits: DecodeLimits, requ
         key,
         label,
         pixels,
+        gen_pixels,
         defect,
     }
 }

@@ -11,8 +11,9 @@ use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::image::{Channels, ClassifierView};
+use crate::image::{Channels, ClassifierView, DiffusionView};
 use crate::storage::{self, StoreOptions};
+use crate::tta::schedule::{alphas_cumprod, ScheduleKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -45,6 +46,48 @@ pub struct BundleSpec {
     #[serde(default)]
     pub class_names: Vec<String>,
     pub classifier: ClassifierSpec,
+    /// The diffusion model; needed by diffusion-tta and diffusion-classifier.
+    #[serde(default)]
+    pub diffusion: Option<DiffusionSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionSpec {
+    /// TorchScript: `forward(x_t [N,C,h,w], t [N] int64, cond [N,...]) -> eps [N,C',h,w]`,
+    /// C' = C, or 2C with learned variance (the first C channels are used).
+    pub denoiser: String,
+    /// safetensors file with the class embeddings, `[K,D]` or `[K,T,D]`.
+    pub class_embeddings: String,
+    /// Tensor name inside `class_embeddings`.
+    #[serde(default = "default_embeddings_tensor")]
+    pub embeddings_tensor: String,
+    /// Optional TorchScript encoder: image in [-1,1] -> latent mean.
+    #[serde(default)]
+    pub encoder: Option<String>,
+    #[serde(default = "default_latent_scale")]
+    pub latent_scale: f64,
+    /// Channels of the diffusion view (1 or 3).
+    pub channels: usize,
+    /// Side of the diffusion view (the classifier crop, resized).
+    pub resolution: u32,
+    pub schedule: ScheduleSpec,
+}
+
+fn default_embeddings_tensor() -> String {
+    "embeddings".into()
+}
+fn default_latent_scale() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    pub kind: ScheduleKind,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub steps: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -57,6 +100,9 @@ pub struct ClassifierSpec {
     /// Names of the final layer's parameters (never adapted).
     #[serde(default)]
     pub head: Vec<String>,
+    /// Names of the norm layers' affine parameters (TENT, `adapt = "norm"`).
+    #[serde(default)]
+    pub norm: Vec<String>,
     pub preprocess: PreprocessSpec,
 }
 
@@ -183,6 +229,8 @@ impl Bundle {
             device,
             num_classes: spec.num_classes,
             view,
+            head: spec.head.clone(),
+            norm: spec.norm.clone(),
         };
         let shape_err = |message: String| BundleError::Shape {
             bundle: self.source.clone(),
@@ -201,14 +249,190 @@ impl Bundle {
             )));
         }
         let names: Vec<String> = classifier.parameter_names().map_err(|e| shape_err(e.to_string()))?;
-        if let Some(missing) = spec.head.iter().find(|h| !names.contains(h)) {
-            return Err(shape_err(format!(
-                "head parameter `{missing}` is not a parameter of {} (it has {})",
-                spec.file,
-                names.join(", ")
-            )));
+        for (list, what) in [(&spec.head, "head"), (&spec.norm, "norm")] {
+            if let Some(missing) = list.iter().find(|h| !names.contains(h)) {
+                return Err(shape_err(format!(
+                    "{what} parameter `{missing}` is not a parameter of {} (it has {})",
+                    spec.file,
+                    names.join(", ")
+                )));
+            }
         }
         Ok(classifier)
+    }
+
+    /// The diffusion view, when the bundle has a diffusion model.
+    pub fn diffusion_view(&self) -> Option<DiffusionView> {
+        self.spec.diffusion.as_ref().map(|d| DiffusionView {
+            channels: if d.channels == 1 { Channels::Gray } else { Channels::Rgb },
+            resolution: d.resolution,
+        })
+    }
+
+    /// Loads the denoiser, class embeddings, optional encoder and schedule on `device`,
+    /// and checks with one forward that their shapes agree with each other and with the
+    /// classifier's class count.
+    pub fn load_diffusion(&self, device: Device) -> Result<Diffusion, BundleError> {
+        let bundle = self.source.clone();
+        let Some(spec) = &self.spec.diffusion else {
+            return Err(BundleError::Spec {
+                bundle,
+                message: "this method needs a diffusion model, but bundle.toml has no [diffusion] section".into(),
+            });
+        };
+        let load = |file: &str| {
+            CModule::load_on_device(self.dir.join(file), device).map_err(|source| BundleError::Load {
+                bundle: bundle.clone(),
+                file: file.to_string(),
+                source,
+            })
+        };
+        let mut denoiser = load(&spec.denoiser)?;
+        denoiser.set_eval();
+        let encoder = match &spec.encoder {
+            Some(file) => {
+                let mut e = load(file)?;
+                e.set_eval();
+                Some(e)
+            }
+            None => None,
+        };
+        let tensors =
+            Tensor::read_safetensors(self.dir.join(&spec.class_embeddings)).map_err(|source| BundleError::Load {
+                bundle: bundle.clone(),
+                file: spec.class_embeddings.clone(),
+                source,
+            })?;
+        let shape_err = |message: String| BundleError::Shape {
+            bundle: bundle.clone(),
+            message,
+        };
+        let embeddings = tensors
+            .into_iter()
+            .find(|(n, _)| *n == spec.embeddings_tensor)
+            .map(|(_, t)| t.to_kind(Kind::Float).to_device(device))
+            .ok_or_else(|| {
+                shape_err(format!(
+                    "{} holds no tensor named `{}`",
+                    spec.class_embeddings, spec.embeddings_tensor
+                ))
+            })?;
+        let e_shape = embeddings.size();
+        let num_classes = self.spec.classifier.num_classes as i64;
+        if !(e_shape.len() == 2 || e_shape.len() == 3) || e_shape[0] != num_classes {
+            return Err(shape_err(format!(
+                "class embeddings {} have shape {:?}, but the classifier has num_classes = {} (expected [{}, D] or [{}, T, D])",
+                spec.class_embeddings, e_shape, num_classes, num_classes, num_classes
+            )));
+        }
+        let abar = alphas_cumprod(
+            spec.schedule.kind,
+            spec.schedule.beta_start,
+            spec.schedule.beta_end,
+            spec.schedule.steps,
+        );
+        let diffusion = Diffusion {
+            denoiser,
+            encoder,
+            embeddings,
+            alphas_cumprod: Tensor::from_slice(&abar).to_kind(Kind::Float).to_device(device),
+            num_timesteps: spec.schedule.steps as i64,
+            latent_scale: spec.latent_scale,
+            view: self.diffusion_view().expect("spec present"),
+            latent_shape: Vec::new(),
+            device,
+        };
+        // Probe: encoder (if any) on a zero image, then one denoiser call with class 0's embedding.
+        let side = spec.resolution as i64;
+        let probe = tch::no_grad(|| -> Result<(Vec<i64>, Vec<i64>), String> {
+            let x = Tensor::zeros([1, spec.channels as i64, side, side], (Kind::Float, device));
+            let z0 = diffusion.encode(&x).map_err(|e| {
+                format!(
+                    "the encoder failed on a [1, {}, {side}, {side}] image: {e}",
+                    spec.channels
+                )
+            })?;
+            let t = Tensor::zeros([1], (Kind::Int64, device));
+            let cond = diffusion.embeddings.narrow(0, 0, 1);
+            let out = diffusion.denoiser.forward_ts(&[&z0, &t, &cond]).map_err(|e| {
+                format!(
+                    "the denoiser rejected x_t {:?} with cond {:?} (one row of class embeddings {:?}): {e}",
+                    z0.size(),
+                    cond.size(),
+                    e_shape
+                )
+            })?;
+            Ok((z0.size(), out.size()))
+        })
+        .map_err(shape_err)?;
+        let (z_shape, out_shape) = probe;
+        let c = z_shape[1];
+        let ok = out_shape.len() == 4
+            && out_shape[0] == 1
+            && (out_shape[1] == c || out_shape[1] == 2 * c)
+            && out_shape[2..] == z_shape[2..];
+        if !ok {
+            return Err(shape_err(format!(
+                "the denoiser returns {out_shape:?} for x_t {z_shape:?}; expected [1, {c} or {}, {}, {}]",
+                2 * c,
+                z_shape[2],
+                z_shape[3]
+            )));
+        }
+        Ok(Diffusion {
+            latent_shape: z_shape[1..].to_vec(),
+            ..diffusion
+        })
+    }
+}
+
+/// A loaded diffusion model: denoiser, class embeddings, schedule, optional encoder.
+pub struct Diffusion {
+    pub denoiser: CModule,
+    encoder: Option<CModule>,
+    /// `[K,D]` or `[K,T,D]`, float, on the device.
+    pub embeddings: Tensor,
+    /// `[T]` float on the device.
+    pub alphas_cumprod: Tensor,
+    pub num_timesteps: i64,
+    latent_scale: f64,
+    pub view: DiffusionView,
+    /// `[C, h, w]` of z0.
+    pub latent_shape: Vec<i64>,
+    pub device: Device,
+}
+
+impl Diffusion {
+    /// z0 for a diffusion-view batch: `encoder(x) * latent_scale`, or `x` in pixel space.
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        match &self.encoder {
+            Some(e) => Ok(e.forward_ts(&[x])? * self.latent_scale),
+            None => Ok(x.shallow_clone()),
+        }
+    }
+
+    /// Condition `sum_k p_k E_k` for probabilities `p` `[B,K']` over classes `classes`
+    /// (all classes when `None`): `[B, D]` or `[B, T, D]`.
+    pub fn condition(&self, p: &Tensor, classes: Option<&Tensor>) -> Tensor {
+        let e = match classes {
+            Some(idx) => self.embeddings.index_select(0, idx),
+            None => self.embeddings.shallow_clone(),
+        };
+        let dims = e.size();
+        let flat = e.view([dims[0], -1]);
+        let mut shape = vec![p.size()[0]];
+        shape.extend_from_slice(&dims[1..]);
+        p.matmul(&flat).view(shape.as_slice())
+    }
+
+    /// Denoiser output restricted to the noise prediction (first C channels).
+    pub fn predict_noise(&self, z_t: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, tch::TchError> {
+        let out = self.denoiser.forward_ts(&[z_t, t, cond])?;
+        Ok(out.narrow(1, 0, self.latent_shape[0]))
+    }
+
+    pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>, tch::TchError> {
+        self.denoiser.named_parameters()
     }
 }
 
@@ -241,6 +465,17 @@ fn validate(spec: &BundleSpec) -> Result<(), String> {
     if c.num_classes == 0 {
         return Err("classifier.num_classes must be at least 1".into());
     }
+    if let Some(d) = &spec.diffusion {
+        if d.channels != 1 && d.channels != 3 {
+            return Err(format!("diffusion.channels = {}: must be 1 or 3", d.channels));
+        }
+        if d.resolution == 0 || d.schedule.steps == 0 {
+            return Err("diffusion.resolution and diffusion.schedule.steps must be at least 1".into());
+        }
+        if !(0.0 < d.schedule.beta_start && d.schedule.beta_start <= d.schedule.beta_end && d.schedule.beta_end < 1.0) {
+            return Err("diffusion.schedule: need 0 < beta_start <= beta_end < 1".into());
+        }
+    }
     if !spec.class_names.is_empty() && spec.class_names.len() != c.num_classes {
         return Err(format!(
             "class_names has {} names but classifier.num_classes = {}",
@@ -257,6 +492,10 @@ pub struct Classifier {
     pub device: Device,
     pub num_classes: usize,
     pub view: ClassifierView,
+    /// Final-layer parameter names, never adapted.
+    pub head: Vec<String>,
+    /// Norm-layer affine parameter names.
+    pub norm: Vec<String>,
 }
 
 impl Classifier {
@@ -286,6 +525,25 @@ impl Classifier {
         Tensor::from_slice(&flat)
             .view(self.input_shape(images.len()))
             .to_device(self.device)
+    }
+
+    pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>, tch::TchError> {
+        self.module.named_parameters()
+    }
+
+    /// Eval mode: BatchNorm uses (and never updates) its running statistics.
+    pub fn set_eval(&mut self) {
+        self.module.set_eval();
+    }
+
+    /// Train mode: BatchNorm uses batch statistics and updates its running ones (TENT).
+    pub fn set_train(&mut self) {
+        self.module.set_train();
+    }
+
+    /// Saves the module (weights and buffers) as TorchScript.
+    pub fn save(&self, path: &Path) -> Result<(), tch::TchError> {
+        self.module.save(path)
     }
 
     pub fn parameter_names(&self) -> Result<Vec<String>, tch::TchError> {

@@ -3,4 +3,4 @@
 pub mod bundle;
 pub mod device;
 
-pub use bundle::{Bundle, BundleError, Classifier};
+pub use bundle::{Bundle, BundleError, Classifier, Diffusion};

@@ -29,6 +29,9 @@ pub enum Status {
     BadLabel,
     /// `input.require_label` is set and the sample has no label. Predicted anyway.
     MissingLabel,
+    /// Adaptation produced a NaN or infinite loss; the source prediction is kept and the
+    /// weights are restored.
+    Diverged,
 }
 
 impl Status {
@@ -40,12 +43,16 @@ impl Status {
             Status::NoImage => "no_image",
             Status::BadLabel => "bad_label",
             Status::MissingLabel => "missing_label",
+            Status::Diverged => "diverged",
         }
     }
 
     /// Whether a sample with this status still gets a prediction.
     pub fn is_predicted(self) -> bool {
-        matches!(self, Status::Ok | Status::BadLabel | Status::MissingLabel)
+        matches!(
+            self,
+            Status::Ok | Status::BadLabel | Status::MissingLabel | Status::Diverged
+        )
     }
 }
 

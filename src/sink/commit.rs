@@ -19,6 +19,8 @@ pub struct CommitMarker {
     pub run_id: String,
     /// Predictions file, relative to the output URL.
     pub predictions: String,
+    /// Steps file, relative to the output URL.
+    pub steps: String,
     /// Where the shard was read from (credentials redacted).
     pub source: String,
     pub method: String,
@@ -96,12 +98,20 @@ pub async fn read_markers(out: &Location) -> Result<BTreeMap<String, CommitMarke
     Ok(markers)
 }
 
-/// Removes predictions files of `shard` written by other runs (killed before their
-/// commit, or losers of a commit race). Call only after the shard is committed.
-pub async fn remove_orphans(out: &Location, shard: &str, keep: &str) -> Result<usize, SinkError> {
+/// Removes data files of `shard` written by runs other than `keep_run` (killed before
+/// their commit, or losers of a commit race). Call only after the shard is committed.
+pub async fn remove_orphans(out: &Location, shard: &str, keep_run: &str) -> Result<usize, SinkError> {
+    let mut removed = 0;
+    for table in super::TABLES {
+        removed += remove_table_orphans(out, table, shard, keep_run).await?;
+    }
+    Ok(removed)
+}
+
+async fn remove_table_orphans(out: &Location, table: &str, shard: &str, keep_run: &str) -> Result<usize, SinkError> {
     let (dir, base) = match shard.rsplit_once('/') {
-        Some((d, b)) => (format!("predictions/{d}"), b),
-        None => ("predictions".to_string(), shard),
+        Some((d, b)) => (format!("{table}/{d}"), b),
+        None => (table.to_string(), shard),
     };
     let metas: Vec<_> = out
         .store
@@ -127,7 +137,7 @@ pub async fn remove_orphans(out: &Location, shard: &str, keep: &str) -> Result<u
             continue;
         };
         // Run ids hold no dots, so `a.b.<run>.parquet` is never taken for shard `a`.
-        if run.contains('.') || out.relative(&meta.location).as_deref() == Some(keep) {
+        if run.contains('.') || run == keep_run {
             continue;
         }
         out.store

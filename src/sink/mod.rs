@@ -1,7 +1,8 @@
 //! Output: per-shard Parquet files, commit markers, run summaries.
 //!
 //! Invariant: a shard's rows count only once its commit marker exists. Data files are
-//! written first under names unique to the run (`predictions/<shard>.<run_id>.parquet`),
+//! written first under names unique to the run (`predictions/<shard>.<run_id>.parquet`,
+//! `steps/<shard>.<run_id>.parquet`),
 //! then `_commits/<shard>.json` is created with `PutMode::Create`; a second writer of
 //! the same shard loses the race and removes its file. After a commit, files of the
 //! same shard left by killed runs are removed, so a plain `predictions/**/*.parquet`
@@ -9,11 +10,11 @@
 
 pub mod commit;
 pub mod predictions;
+pub mod steps;
 
 use std::collections::BTreeMap;
 
 use object_store::buffered::BufWriter;
-use object_store::path::Path;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -92,48 +93,86 @@ impl Tally {
     }
 }
 
-/// Writes one shard's predictions file. Dropping it without `finish` writes nothing
-/// visible; call `abort` to also release multipart uploads.
-pub struct ShardWriter {
-    shard: String,
-    run_id: String,
-    method: &'static str,
-    path: Path,
+/// The two tables every shard gets.
+pub const TABLES: [&str; 2] = ["predictions", "steps"];
+
+/// One Parquet file being written.
+struct TableWriter {
     display: String,
     writer: AsyncArrowWriter<BufWriter>,
-    pending: Vec<Outcome>,
-    pub tally: Tally,
 }
 
-impl ShardWriter {
-    /// Relative path (below the output URL) of a shard's predictions file for a run.
-    pub fn relative_path(shard: &str, run_id: &str) -> String {
-        format!("predictions/{shard}.{run_id}.parquet")
-    }
-
-    pub fn create(out: &Location, run_id: &str, shard: &str, method: &'static str) -> Result<Self, SinkError> {
-        let rel = Self::relative_path(shard, run_id);
-        let path = out.child(&rel);
-        let display = out.display_child(&rel);
+impl TableWriter {
+    fn create(out: &Location, rel: &str, schema: arrow_schema::SchemaRef) -> Result<Self, SinkError> {
+        let display = out.display_child(rel);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_created_by(format!("dtta {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let buf = BufWriter::new(out.store.clone(), path.clone());
-        let writer = AsyncArrowWriter::try_new(buf, predictions::schema(), Some(props)).map_err(|source| {
-            SinkError::Parquet {
-                path: display.clone(),
-                source,
-            }
+        let buf = BufWriter::new(out.store.clone(), out.child(rel));
+        let writer = AsyncArrowWriter::try_new(buf, schema, Some(props)).map_err(|source| SinkError::Parquet {
+            path: display.clone(),
+            source,
         })?;
+        Ok(TableWriter { display, writer })
+    }
+
+    async fn write(&mut self, batch: &arrow_array::RecordBatch) -> Result<(), SinkError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.writer.write(batch).await.map_err(|source| SinkError::Parquet {
+            path: self.display.clone(),
+            source,
+        })
+    }
+
+    async fn close(self) -> Result<(), SinkError> {
+        self.writer
+            .close()
+            .await
+            .map(|_| ())
+            .map_err(|source| SinkError::Parquet {
+                path: self.display,
+                source,
+            })
+    }
+
+    async fn abort(self) {
+        let mut inner = self.writer.into_inner();
+        if let Err(e) = inner.abort().await {
+            tracing::warn!("could not abort upload of {}: {e}", self.display);
+        }
+    }
+}
+
+/// Writes one shard's predictions and steps files. Dropping it without `finish` writes
+/// nothing visible; call `abort` to also release multipart uploads.
+pub struct ShardWriter {
+    shard: String,
+    run_id: String,
+    method: &'static str,
+    predictions: TableWriter,
+    steps: TableWriter,
+    pending: Vec<Outcome>,
+    pub tally: Tally,
+}
+
+impl ShardWriter {
+    /// Relative path (below the output URL) of a shard's file of `table` for a run.
+    pub fn relative_path(table: &str, shard: &str, run_id: &str) -> String {
+        format!("{table}/{shard}.{run_id}.parquet")
+    }
+
+    pub fn create(out: &Location, run_id: &str, shard: &str, method: &'static str) -> Result<Self, SinkError> {
+        let rel = |table| Self::relative_path(table, shard, run_id);
         Ok(ShardWriter {
             shard: shard.to_string(),
             run_id: run_id.to_string(),
             method,
-            path,
-            display,
-            writer,
+            predictions: TableWriter::create(out, &rel("predictions"), predictions::schema())?,
+            steps: TableWriter::create(out, &rel("steps"), steps::schema())?,
             pending: Vec::new(),
             tally: Tally::default(),
         })
@@ -156,29 +195,35 @@ impl ShardWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let batch = predictions::record_batch(&self.run_id, &self.shard, self.method, &self.pending);
-        self.pending.clear();
-        self.writer.write(&batch).await.map_err(|source| SinkError::Parquet {
-            path: self.display.clone(),
-            source,
-        })
+        let rows = std::mem::take(&mut self.pending);
+        self.predictions
+            .write(&predictions::record_batch(
+                &self.run_id,
+                &self.shard,
+                self.method,
+                &rows,
+            ))
+            .await?;
+        self.steps
+            .write(&steps::record_batch(&self.run_id, &self.shard, &rows))
+            .await
     }
 
-    /// Completes the file; returns its relative path and the shard's tally.
-    pub async fn finish(mut self) -> Result<(String, Tally), SinkError> {
+    /// Completes both files; returns their relative paths and the shard's tally.
+    pub async fn finish(mut self) -> Result<(String, String, Tally), SinkError> {
         self.flush_batch().await?;
-        self.writer.close().await.map_err(|source| SinkError::Parquet {
-            path: self.display.clone(),
-            source,
-        })?;
-        Ok((Self::relative_path(&self.shard, &self.run_id), self.tally))
+        self.predictions.close().await?;
+        self.steps.close().await?;
+        Ok((
+            Self::relative_path("predictions", &self.shard, &self.run_id),
+            Self::relative_path("steps", &self.shard, &self.run_id),
+            self.tally,
+        ))
     }
 
     /// Drops everything written so far.
     pub async fn abort(self) {
-        let mut inner = self.writer.into_inner();
-        if let Err(e) = inner.abort().await {
-            tracing::warn!(shard = %self.shard, "could not abort upload of {}: {e}", self.path);
-        }
+        self.predictions.abort().await;
+        self.steps.abort().await;
     }
 }

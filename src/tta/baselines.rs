@@ -1,13 +1,43 @@
-//! Baselines of ALGORITHM.md. `source`: the classifier alone, batched.
+//! Baselines of ALGORITHM.md, run by the same job on the same shards:
+//! `source` (the classifier alone), `tent` (online entropy minimisation over the norm
+//! layers' affine parameters) and `diffusion-classifier` (no classifier: the class whose
+//! condition explains the image best under the diffusion loss).
 
 use std::time::Instant;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::{Method, Outcome};
+use super::optim::Optimizer;
+use super::params::AdaptedParams;
+use super::schedule::{add_noise, NoiseSource, SeededNoise};
+use super::{predictions, Method, Outcome, Prediction};
+use crate::config::{Adapt, DiffusionClassifierConfig, OptimizerKind, TentConfig, Timesteps};
 use crate::image::Prepared;
-use crate::model::Classifier;
-use crate::shards::Status;
+use crate::model::{Classifier, Diffusion};
+
+/// Splits a batch into the images to run and their positions.
+fn predicted_images(batch: &[Prepared]) -> Vec<&[f32]> {
+    batch.iter().filter_map(|p| p.pixels.as_deref()).collect()
+}
+
+/// Assembles outcomes in input order from per-image predictions of the predicted rows.
+fn assemble(batch: Vec<Prepared>, before: Vec<Prediction>, after: Vec<Prediction>, per_image_ms: f64) -> Vec<Outcome> {
+    let mut before = before.into_iter();
+    let mut after = after.into_iter();
+    batch
+        .into_iter()
+        .map(|p| {
+            if p.pixels.is_none() {
+                return Outcome::unpredicted(p);
+            }
+            let mut o = Outcome::blank(p.key, p.label, p.defect);
+            o.set_before(&before.next().expect("one prediction per image"));
+            o.set_after(after.next().expect("one prediction per image"));
+            o.adapt_ms = per_image_ms;
+            o
+        })
+        .collect()
+}
 
 /// Top-1, confidence and top-k of the unadapted classifier.
 pub struct Source {
@@ -18,7 +48,6 @@ pub struct Source {
 
 impl Source {
     pub fn new(classifier: Classifier, batch_size: usize, topk: usize) -> Self {
-        let topk = topk.min(classifier.num_classes);
         Source {
             classifier,
             batch_size,
@@ -34,55 +63,219 @@ impl Method for Source {
 
     fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
         let started = Instant::now();
-        let images: Vec<&[f32]> = batch.iter().filter_map(|p| p.pixels.as_deref()).collect();
-        let (top_probs, top_classes) = if images.is_empty() {
-            (Vec::new(), Vec::new())
+        let images = predicted_images(&batch);
+        let preds = if images.is_empty() {
+            Vec::new()
         } else {
-            let k = self.topk as i64;
-            let (values, indices) = tch::no_grad(|| -> Result<(Tensor, Tensor), tch::TchError> {
-                let logits = self.classifier.logits(&self.classifier.batch_from(&images))?;
-                let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
-                Ok(probs.topk(k, -1, true, true))
-            })?;
-            // One device-to-host copy per batch.
-            let probs = Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))?;
-            let classes = Vec::<i64>::try_from(indices.to_device(tch::Device::Cpu).flatten(0, -1))?;
-            (probs, classes)
+            let logits = tch::no_grad(|| self.classifier.logits(&self.classifier.batch_from(&images)))?;
+            predictions(&logits, self.topk)?
         };
-        let per_image_ms = started.elapsed().as_secs_f64() * 1e3 / images.len().max(1) as f64;
-        let mut row = 0;
-        let outcomes = batch
-            .into_iter()
-            .map(|p| {
-                if p.pixels.is_none() {
-                    return Outcome::unpredicted(p);
-                }
-                let span = row * self.topk..(row + 1) * self.topk;
-                row += 1;
-                let topk_after = top_classes[span.clone()].to_vec();
-                let topk_probs_after = top_probs[span].to_vec();
-                let (status, error) = match p.defect {
-                    Some(d) => (d.status, Some(d.message)),
-                    None => (Status::Ok, None),
+        let ms = started.elapsed().as_secs_f64() * 1e3 / images.len().max(1) as f64;
+        Ok(assemble(batch, preds.clone(), preds, ms))
+    }
+}
+
+/// TENT: online; each batch is predicted in train mode (batch statistics) and then used
+/// for one entropy-minimisation step on the norm layers' affine parameters.
+pub struct Tent {
+    classifier: Classifier,
+    params: AdaptedParams,
+    optimizer: Optimizer,
+    batch_size: usize,
+    topk: usize,
+}
+
+impl Tent {
+    pub fn new(
+        classifier: Classifier,
+        cfg: &TentConfig,
+        batch_size: usize,
+        topk: usize,
+    ) -> Result<Self, tch::TchError> {
+        if classifier.norm.is_empty() {
+            return Err(tch::TchError::Kind(
+                "tent adapts norm-layer affine parameters, but the bundle lists none (classifier.norm)".into(),
+            ));
+        }
+        let params = AdaptedParams::select(
+            classifier.named_parameters()?,
+            Vec::new(),
+            Adapt::Norm,
+            &classifier.head,
+            &classifier.norm,
+        );
+        Ok(Tent {
+            classifier,
+            params,
+            optimizer: Optimizer::new(OptimizerKind::Sgd, cfg.lr, cfg.momentum, 0.0),
+            batch_size,
+            topk,
+        })
+    }
+}
+
+impl Method for Tent {
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+        let started = Instant::now();
+        let images = predicted_images(&batch);
+        if images.is_empty() {
+            return Ok(assemble(batch, Vec::new(), Vec::new(), 0.0));
+        }
+        let x = self.classifier.batch_from(&images);
+        // The unadapted model's view, for pred_before.
+        self.classifier.set_eval();
+        let source = tch::no_grad(|| self.classifier.logits(&x))?;
+        self.classifier.set_train();
+        let logits = self.classifier.logits(&x)?;
+        let p = logits.softmax(-1, Kind::Float);
+        let entropy = -(&p * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
+        entropy.mean(Kind::Float).backward();
+        self.optimizer.step(&self.params.tensors);
+        self.params.zero_grad();
+        self.classifier.set_eval();
+        let before = predictions(&source, self.topk)?;
+        let after = predictions(&logits, self.topk)?;
+        let ms = started.elapsed().as_secs_f64() * 1e3 / images.len() as f64;
+        Ok(assemble(batch, before, after, ms))
+    }
+}
+
+/// Diffusion Classifier: for each class k, the mean diffusion loss with condition E_k
+/// over one shared set of (t, eps) pairs; the prediction is the lowest. With pruning, a
+/// first pass on `first_samples` pairs keeps the `prune_to` best classes for the rest.
+/// `conf_after` is the softmax of the negative mean losses (a relative score, not a
+/// calibrated probability).
+pub struct DiffusionClassifier {
+    classifier: Classifier,
+    diffusion: Diffusion,
+    cfg: DiffusionClassifierConfig,
+    noise: SeededNoise,
+    topk: usize,
+    /// Denoiser calls per forward, at most.
+    chunk: usize,
+}
+
+impl DiffusionClassifier {
+    pub fn new(
+        classifier: Classifier,
+        diffusion: Diffusion,
+        cfg: &DiffusionClassifierConfig,
+        seed: u64,
+        topk: usize,
+        chunk: usize,
+    ) -> Self {
+        let noise = SeededNoise {
+            seed,
+            num_timesteps: diffusion.num_timesteps,
+            timesteps: Timesteps::Stratified,
+            same_noise: false,
+        };
+        DiffusionClassifier {
+            classifier,
+            diffusion,
+            cfg: cfg.clone(),
+            noise,
+            topk,
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// Summed losses `[classes]` of `classes` over the pairs `(t, eps)`.
+    fn losses(&self, z0: &Tensor, t: &Tensor, eps: &Tensor, classes: &Tensor) -> Result<Tensor, tch::TchError> {
+        let n = t.size()[0];
+        let k = classes.size()[0];
+        let z_t = add_noise(&self.diffusion.alphas_cumprod, z0, t, eps);
+        let cond_all = self.diffusion.embeddings.index_select(0, classes);
+        let total = k * n;
+        let mut sums = Vec::new();
+        let mut start = 0;
+        while start < total {
+            let len = (self.chunk as i64).min(total - start);
+            let idx = Tensor::arange_start(start, start + len, (Kind::Int64, self.diffusion.device));
+            let class_of = idx.divide_scalar_mode(n, "floor");
+            let pair_of = idx.remainder(n);
+            let eps_hat = self.diffusion.predict_noise(
+                &z_t.index_select(0, &pair_of),
+                &t.index_select(0, &pair_of),
+                &cond_all.index_select(0, &class_of),
+            )?;
+            let per = (eps_hat.to_kind(Kind::Float) - eps.index_select(0, &pair_of))
+                .square()
+                .flatten(1, -1)
+                .mean_dim(1, false, Kind::Float);
+            sums.push(Tensor::zeros([k], (Kind::Float, self.diffusion.device)).index_add(0, &class_of, &per));
+            start += len;
+        }
+        Ok(Tensor::stack(&sums, 0).sum_dim_intlist(0, false, Kind::Float))
+    }
+}
+
+impl Method for DiffusionClassifier {
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+        let mut out = Vec::with_capacity(batch.len());
+        for p in batch {
+            let (Some(pixels), Some(gen)) = (p.pixels.as_deref(), p.gen_pixels.as_deref()) else {
+                out.push(Outcome::unpredicted(p));
+                continue;
+            };
+            let started = Instant::now();
+            let device = self.diffusion.device;
+            let side = self.diffusion.view.resolution as i64;
+            let channels = self.diffusion.view.channels.count() as i64;
+            let (before, result) = tch::no_grad(|| -> Result<(Prediction, (Tensor, Tensor)), tch::TchError> {
+                let logits = self.classifier.logits(&self.classifier.batch_from(&[pixels]))?;
+                let before = predictions(&logits, self.topk)?.remove(0);
+                let x_gen = Tensor::from_slice(gen)
+                    .view([1, channels, side, side])
+                    .to_device(device);
+                let z0 = self.diffusion.encode(&x_gen)?.to_kind(Kind::Float);
+                self.noise.begin_image(&p.key);
+                let (t, eps) = self
+                    .noise
+                    .draw(0, self.cfg.samples, &self.diffusion.latent_shape, device);
+                let k = self.diffusion.embeddings.size()[0];
+                let all = Tensor::arange(k, (Kind::Int64, device));
+                let (classes, losses) = if self.cfg.prune_to > 0 && (self.cfg.prune_to as i64) < k {
+                    let m = self.cfg.first_samples as i64;
+                    let first = self.losses(&z0, &t.narrow(0, 0, m), &eps.narrow(0, 0, m), &all)?;
+                    let keep = first.topk(self.cfg.prune_to as i64, -1, false, true).1;
+                    let rest = self.cfg.samples as i64 - m;
+                    let more = self.losses(&z0, &t.narrow(0, m, rest), &eps.narrow(0, m, rest), &keep)?;
+                    (keep.shallow_clone(), first.index_select(0, &keep) + more)
+                } else {
+                    let l = self.losses(&z0, &t, &eps, &all)?;
+                    (all, l)
                 };
-                Outcome {
-                    key: p.key,
-                    label: p.label,
-                    status,
-                    error,
-                    pred_before: Some(topk_after[0]),
-                    conf_before: Some(topk_probs_after[0]),
-                    pred_after: Some(topk_after[0]),
-                    conf_after: Some(topk_probs_after[0]),
-                    topk_after,
-                    topk_probs_after,
-                    loss_first: None,
-                    loss_last: None,
-                    steps: 0,
-                    adapt_ms: per_image_ms,
-                }
-            })
-            .collect();
-        Ok(outcomes)
+                Ok((before, (classes, losses / self.cfg.samples as f64)))
+            })?;
+            let (classes, mean_losses) = result;
+            let scores = (-&mean_losses).softmax(-1, Kind::Float);
+            let kk = (self.topk as i64).min(scores.size()[0]);
+            let (probs, order) = scores.topk(kk, -1, true, true);
+            let topk = Vec::<i64>::try_from(classes.index_select(0, &order).to_device(Device::Cpu))?;
+            let topk_probs = Vec::<f32>::try_from(probs.to_device(Device::Cpu))?;
+            let best_loss = f64::try_from(mean_losses.min())? as f32;
+            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
+            o.set_before(&before);
+            o.set_after(Prediction {
+                class: topk[0],
+                conf: topk_probs[0],
+                topk,
+                topk_probs,
+            });
+            o.loss_first = Some(best_loss);
+            o.loss_last = Some(best_loss);
+            o.adapt_ms = started.elapsed().as_secs_f64() * 1e3;
+            out.push(o);
+        }
+        Ok(out)
     }
 }

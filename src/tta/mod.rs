@@ -1,12 +1,20 @@
 //! Test-time adaptation methods. Each turns prepared samples into [`Outcome`]s on the
 //! thread that owns the models and the device.
 
+pub mod autocast;
 pub mod baselines;
+pub mod engine;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+
+use tch::{Device, Kind, Tensor};
 
 use crate::image::Prepared;
-use crate::shards::Status;
+use crate::shards::{Defect, Status};
 
-/// The result for one sample: one predictions row (without run-level columns).
+/// The result for one sample: one predictions row (without run-level columns), and the
+/// per-step metrics of adaptive methods.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub key: String,
@@ -23,18 +31,63 @@ pub struct Outcome {
     pub loss_last: Option<f32>,
     pub steps: u32,
     pub adapt_ms: f64,
+    pub step_log: Vec<StepRecord>,
+}
+
+/// One optimizer step of one image: a row of the steps table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub step: u32,
+    /// Mean diffusion loss over the step's iterations.
+    pub loss: f32,
+    /// The classifier's top-1, its probability and the entropy of its softmax during the step.
+    pub pred: i64,
+    pub conf: f32,
+    pub entropy: f32,
+    pub lr: f32,
+    /// L2 norm of the adapted parameters' gradient before the update.
+    pub grad_norm: f32,
+    /// Milliseconds from the start of the image to the end of the step.
+    pub elapsed_ms: f64,
+}
+
+/// Top-1 and top-k of one softmax row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub class: i64,
+    pub conf: f32,
+    pub topk: Vec<i64>,
+    pub topk_probs: Vec<f32>,
+}
+
+/// Softmax predictions for a `[B, K]` logits batch, copied to the host once.
+pub fn predictions(logits: &Tensor, k: usize) -> Result<Vec<Prediction>, tch::TchError> {
+    let b = logits.size()[0] as usize;
+    let k = k.min(logits.size()[1] as usize);
+    let probs = logits.detach().to_kind(Kind::Float).softmax(-1, Kind::Float);
+    let (values, indices) = probs.topk(k as i64, -1, true, true);
+    let values = Vec::<f32>::try_from(values.to_device(Device::Cpu).flatten(0, -1))?;
+    let indices = Vec::<i64>::try_from(indices.to_device(Device::Cpu).flatten(0, -1))?;
+    Ok((0..b)
+        .map(|i| Prediction {
+            class: indices[i * k],
+            conf: values[i * k],
+            topk: indices[i * k..(i + 1) * k].to_vec(),
+            topk_probs: values[i * k..(i + 1) * k].to_vec(),
+        })
+        .collect())
 }
 
 impl Outcome {
-    /// The row of a sample that gets no prediction; keeps its label and reason.
-    pub fn unpredicted(p: Prepared) -> Outcome {
-        let (status, error) = match p.defect {
+    /// A row with the sample's identity and status, and no prediction yet.
+    pub fn blank(key: String, label: Option<i64>, defect: Option<Defect>) -> Outcome {
+        let (status, error) = match defect {
             Some(d) => (d.status, Some(d.message)),
-            None => (Status::DecodeError, Some("no pixels".into())),
+            None => (Status::Ok, None),
         };
         Outcome {
-            key: p.key,
-            label: p.label,
+            key,
+            label,
             status,
             error,
             pred_before: None,
@@ -47,7 +100,28 @@ impl Outcome {
             loss_last: None,
             steps: 0,
             adapt_ms: 0.0,
+            step_log: Vec::new(),
         }
+    }
+
+    /// The row of a sample that gets no prediction; keeps its label and reason.
+    pub fn unpredicted(p: Prepared) -> Outcome {
+        let defect = p
+            .defect
+            .unwrap_or_else(|| Defect::new(Status::DecodeError, "no pixels"));
+        Outcome::blank(p.key, p.label, Some(defect))
+    }
+
+    pub fn set_before(&mut self, p: &Prediction) {
+        self.pred_before = Some(p.class);
+        self.conf_before = Some(p.conf);
+    }
+
+    pub fn set_after(&mut self, p: Prediction) {
+        self.pred_after = Some(p.class);
+        self.conf_after = Some(p.conf);
+        self.topk_after = p.topk;
+        self.topk_probs_after = p.topk_probs;
     }
 
     /// Whether the final prediction matches the label (`None` without both).

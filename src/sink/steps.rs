@@ -1,0 +1,53 @@
+//! The steps table: one row per sample per adaptation step (diffusion-tta). Column names
+//! and types are a contract with dashboards.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow_array::{ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+
+use crate::tta::Outcome;
+
+pub fn schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("run_id", DataType::Utf8, false),
+                Field::new("shard", DataType::Utf8, false),
+                Field::new("key", DataType::Utf8, false),
+                Field::new("step", DataType::Int32, false),
+                Field::new("loss", DataType::Float32, false),
+                Field::new("pred", DataType::Int64, false),
+                Field::new("conf", DataType::Float32, false),
+                Field::new("entropy", DataType::Float32, false),
+                Field::new("lr", DataType::Float32, false),
+                Field::new("grad_norm", DataType::Float32, false),
+                Field::new("elapsed_ms", DataType::Float64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// The step rows of `outcomes` (possibly none).
+pub fn record_batch(run_id: &str, shard: &str, outcomes: &[Outcome]) -> RecordBatch {
+    let rows: Vec<(&str, &crate::tta::StepRecord)> = outcomes
+        .iter()
+        .flat_map(|o| o.step_log.iter().map(move |s| (o.key.as_str(), s)))
+        .collect();
+    let n = rows.len();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec![run_id; n])),
+        Arc::new(StringArray::from(vec![shard; n])),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|(k, _)| *k))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|(_, s)| s.step as i32))),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.loss))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|(_, s)| s.pred))),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.conf))),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.entropy))),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.lr))),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.grad_norm))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|(_, s)| s.elapsed_ms))),
+    ];
+    RecordBatch::try_new(schema(), columns).expect("columns match the schema")
+}

@@ -1,0 +1,324 @@
+//! Diffusion-TTA (ALGORITHM.md): per image, minimise the diffusion loss conditioned on
+//! the classifier's own prediction, by gradient descent on the classifier (and the
+//! denoiser), then predict again.
+//!
+//! Invariants: the classifier runs in eval mode (BatchNorm statistics are read, never
+//! written); in episodic mode every adapted parameter and the optimizer state are back
+//! to their pre-image values, bit for bit, before the next image; a non-finite loss
+//! stops the image, keeps the source prediction and restores the weights.
+//! Device work is not synchronised inside an iteration: the host reads one loss per
+//! optimizer step (to catch divergence) and the rest once per image.
+
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::optim::Optimizer;
+use super::params::AdaptedParams;
+use super::schedule::{add_noise, NoiseSource, SeededNoise};
+use super::{predictions, Method, Outcome, Prediction, StepRecord};
+use crate::config::{Loss, Mode, Precision, TtaConfig};
+use crate::image::Prepared;
+use crate::model::{Classifier, Diffusion};
+use crate::shards::Status;
+
+/// The knobs of the loop, from `[tta]`.
+#[derive(Debug, Clone)]
+pub struct Knobs {
+    pub steps: usize,
+    pub accum: usize,
+    pub samples: usize,
+    pub loss: Loss,
+    pub adapt_topk: usize,
+    pub mode: Mode,
+    pub topk: usize,
+    pub precision: Precision,
+}
+
+impl Knobs {
+    pub fn from_config(cfg: &TtaConfig) -> Knobs {
+        Knobs {
+            steps: cfg.steps,
+            accum: cfg.accum,
+            samples: cfg.samples_per_step,
+            loss: cfg.loss,
+            adapt_topk: cfg.adapt_topk,
+            mode: cfg.mode,
+            topk: cfg.topk,
+            precision: cfg.precision,
+        }
+    }
+}
+
+/// What adapting one image produced.
+#[derive(Debug)]
+pub struct Adapted {
+    pub before: Prediction,
+    pub after: Prediction,
+    /// Loss of every iteration (already divided by `accum`), in order.
+    pub iteration_losses: Vec<f32>,
+    pub steps: Vec<StepRecord>,
+    /// Why adaptation stopped early, if it diverged.
+    pub diverged: Option<String>,
+    pub elapsed_ms: f64,
+}
+
+pub struct DiffusionTta {
+    classifier: Classifier,
+    diffusion: Diffusion,
+    params: AdaptedParams,
+    /// Parameter values before the first image: the episodic reset target.
+    originals: Vec<Tensor>,
+    optimizer: Optimizer,
+    noise: Box<dyn NoiseSource>,
+    knobs: Knobs,
+}
+
+impl DiffusionTta {
+    pub fn new(
+        classifier: Classifier,
+        diffusion: Diffusion,
+        cfg: &TtaConfig,
+        seed: u64,
+    ) -> Result<Self, tch::TchError> {
+        if cfg.precision == Precision::Bf16 {
+            super::autocast::check_supported(classifier.device)?;
+        }
+        let params = AdaptedParams::select(
+            classifier.named_parameters()?,
+            diffusion.named_parameters()?,
+            cfg.adapt,
+            &classifier.head,
+            &classifier.norm,
+        );
+        if params.tensors.is_empty() {
+            return Err(tch::TchError::Kind(format!(
+                "tta.adapt = {:?} selects no parameter (does the bundle list classifier.norm?)",
+                cfg.adapt
+            )));
+        }
+        tracing::info!(
+            "diffusion-tta adapts {} tensors, {} parameters",
+            params.tensors.len(),
+            params.numel()
+        );
+        let originals = params.snapshot();
+        let noise = Box::new(SeededNoise {
+            seed,
+            num_timesteps: diffusion.num_timesteps,
+            timesteps: cfg.timesteps,
+            same_noise: cfg.same_noise,
+        });
+        Ok(DiffusionTta {
+            classifier,
+            diffusion,
+            params,
+            originals,
+            optimizer: Optimizer::new(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay),
+            noise,
+            knobs: Knobs::from_config(cfg),
+        })
+    }
+
+    /// Replaces the (t, eps) source, e.g. with a replay for parity tests.
+    pub fn with_noise(mut self, noise: Box<dyn NoiseSource>) -> Self {
+        self.noise = noise;
+        self
+    }
+
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    /// The live denoiser parameters (adapted or not).
+    pub fn denoiser_parameters(&self) -> Result<Vec<(String, Tensor)>, tch::TchError> {
+        self.diffusion.named_parameters()
+    }
+
+    pub fn adapted_parameters(&self) -> &AdaptedParams {
+        &self.params
+    }
+
+    /// Adapts to one image (classifier view `pixels`, diffusion view `gen`).
+    pub fn adapt(&mut self, key: &str, pixels: &[f32], gen: &[f32]) -> Result<Adapted, tch::TchError> {
+        let started = Instant::now();
+        let device = self.classifier.device;
+        let k = self.knobs.clone();
+        let n = k.samples as i64;
+        let x = self.classifier.batch_from(&[pixels]);
+        let view = &self.diffusion.view;
+        let side = view.resolution as i64;
+        let x_gen = Tensor::from_slice(gen)
+            .view([1, view.channels.count() as i64, side, side])
+            .to_device(device);
+        self.classifier.set_eval();
+        let z0 = tch::no_grad(|| self.autocast(|| self.diffusion.encode(&x_gen)))?.to_kind(Kind::Float);
+        let logits0 = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
+        let before = predictions(&logits0, k.topk)?.remove(0);
+        let classes = (k.adapt_topk > 0).then(|| {
+            let kk = (k.adapt_topk as i64).min(logits0.size()[1]);
+            logits0.topk(kk, -1, true, true).1.squeeze_dim(0)
+        });
+        // Online mode keeps state across images; keep a rollback point for divergence.
+        let rollback = (k.mode == Mode::Online).then(|| (self.params.snapshot(), self.optimizer.snapshot()));
+
+        self.noise.begin_image(key);
+        self.params.zero_grad();
+        let latent = self.diffusion.latent_shape.clone();
+        let mut iteration_losses = Vec::with_capacity(k.steps * k.accum);
+        let mut step_metrics: Vec<Tensor> = Vec::with_capacity(k.steps);
+        let mut step_host: Vec<(f32, f64)> = Vec::with_capacity(k.steps);
+        let mut diverged = None;
+        for step in 0..k.steps {
+            let mut step_loss = Tensor::zeros([], (Kind::Float, device));
+            let mut logits_seen = None;
+            for a in 0..k.accum {
+                let (t, eps) = self.noise.draw(step * k.accum + a, k.samples, &latent, device);
+                let z_t = add_noise(&self.diffusion.alphas_cumprod, &z0, &t, &eps);
+                let (loss, logits) = self.autocast(|| -> Result<(Tensor, Tensor), tch::TchError> {
+                    let logits = self.classifier.logits(&x)?;
+                    let chosen = match &classes {
+                        Some(idx) => logits.index_select(1, idx),
+                        None => logits.shallow_clone(),
+                    };
+                    let p = chosen.to_kind(Kind::Float).softmax(-1, Kind::Float);
+                    let cond = self.diffusion.condition(&p, classes.as_ref());
+                    let mut shape = cond.size();
+                    shape[0] = n;
+                    let cond = cond.expand(shape.as_slice(), false);
+                    let eps_hat = self.diffusion.predict_noise(&z_t, &t, &cond)?.to_kind(Kind::Float);
+                    let diff = eps_hat - &eps;
+                    let loss = match k.loss {
+                        Loss::Mse => diff.square().mean(Kind::Float),
+                        Loss::L1 => diff.abs().mean(Kind::Float),
+                    } / k.accum as f64;
+                    Ok((loss, logits))
+                })?;
+                loss.backward();
+                let loss = loss.detach();
+                step_loss += &loss;
+                iteration_losses.push(loss);
+                logits_seen = Some(logits.detach());
+            }
+            let loss_value = f64::try_from(&step_loss)?; // the one sync per step
+            if !loss_value.is_finite() {
+                diverged = Some(format!(
+                    "loss became {loss_value} at step {step}; source prediction kept"
+                ));
+                break;
+            }
+            let grad_norm = self.params.grad_norm();
+            self.optimizer.step(&self.params.tensors);
+            self.params.zero_grad();
+            let probs = logits_seen
+                .expect("accum >= 1")
+                .to_kind(Kind::Float)
+                .softmax(-1, Kind::Float);
+            let (conf, pred) = probs.max_dim(-1, false);
+            let entropy = -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float);
+            step_metrics.push(Tensor::cat(
+                &[pred.to_kind(Kind::Float), conf, entropy, grad_norm.view([1])],
+                0,
+            ));
+            step_host.push((loss_value as f32, started.elapsed().as_secs_f64() * 1e3));
+        }
+        self.params.zero_grad();
+
+        let after = if diverged.is_some() {
+            match rollback {
+                Some((params, state)) => {
+                    self.params.restore(&params);
+                    self.optimizer.restore(state);
+                }
+                None => self.reset(),
+            }
+            before.clone()
+        } else {
+            let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
+            predictions(&logits, k.topk)?.remove(0)
+        };
+        if k.mode == Mode::Episodic {
+            self.reset();
+        }
+
+        // One host copy for the whole image.
+        let iteration_losses = if iteration_losses.is_empty() {
+            Vec::new()
+        } else {
+            Vec::<f32>::try_from(Tensor::stack(&iteration_losses, 0).to_device(Device::Cpu))?
+        };
+        let metrics = if step_metrics.is_empty() {
+            Vec::new()
+        } else {
+            Vec::<f32>::try_from(Tensor::stack(&step_metrics, 0).to_device(Device::Cpu).flatten(0, -1))?
+        };
+        let lr = self.optimizer.lr() as f32;
+        let steps = step_host
+            .iter()
+            .enumerate()
+            .map(|(i, (loss, elapsed_ms))| StepRecord {
+                step: i as u32,
+                loss: *loss,
+                pred: metrics[i * 4] as i64,
+                conf: metrics[i * 4 + 1],
+                entropy: metrics[i * 4 + 2],
+                lr,
+                grad_norm: metrics[i * 4 + 3],
+                elapsed_ms: *elapsed_ms,
+            })
+            .collect();
+        Ok(Adapted {
+            before,
+            after,
+            iteration_losses,
+            steps,
+            diverged,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Back to the weights and optimizer state from before the first image.
+    fn reset(&mut self) {
+        self.params.restore(&self.originals);
+        self.optimizer.reset();
+    }
+
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.knobs.precision == Precision::Bf16 {
+            super::autocast::bf16(f)
+        } else {
+            f()
+        }
+    }
+}
+
+impl Method for DiffusionTta {
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+        let mut out = Vec::with_capacity(batch.len());
+        for p in batch {
+            let (Some(pixels), Some(gen)) = (p.pixels.as_deref(), p.gen_pixels.as_deref()) else {
+                out.push(Outcome::unpredicted(p));
+                continue;
+            };
+            let adapted = self.adapt(&p.key, pixels, gen)?;
+            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
+            o.set_before(&adapted.before);
+            o.set_after(adapted.after);
+            o.loss_first = adapted.steps.first().map(|s| s.loss);
+            o.loss_last = adapted.steps.last().map(|s| s.loss);
+            o.steps = adapted.steps.len() as u32;
+            o.adapt_ms = adapted.elapsed_ms;
+            o.step_log = adapted.steps;
+            if let Some(reason) = adapted.diverged {
+                o.status = Status::Diverged;
+                o.error = Some(reason);
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+}

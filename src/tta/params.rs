@@ -1,0 +1,92 @@
+//! Which parameters adapt, and putting them back.
+//!
+//! Invariants: only selected parameters have `requires_grad`; a snapshot is a device
+//! copy, and restoring copies it back in place, so the modules keep their tensors (no
+//! reload, no host round trip). Buffers (BatchNorm statistics) are never written by
+//! Diffusion-TTA: the classifier always runs in eval mode.
+
+use tch::{Kind, Tensor};
+
+use crate::config::Adapt;
+
+/// The adapted parameters of the classifier (and the denoiser).
+pub struct AdaptedParams {
+    pub names: Vec<String>,
+    pub tensors: Vec<Tensor>,
+}
+
+impl AdaptedParams {
+    /// Selects parameters per `adapt` and sets `requires_grad` accordingly on every
+    /// parameter of both modules. `head` parameters are never selected.
+    pub fn select(
+        classifier: Vec<(String, Tensor)>,
+        denoiser: Vec<(String, Tensor)>,
+        adapt: Adapt,
+        head: &[String],
+        norm: &[String],
+    ) -> AdaptedParams {
+        let mut names = Vec::new();
+        let mut tensors = Vec::new();
+        for (name, t) in classifier {
+            let chosen = !head.contains(&name)
+                && match adapt {
+                    Adapt::Classifier | Adapt::ClassifierDiffusion => true,
+                    Adapt::Norm => norm.contains(&name),
+                };
+            let t = t.set_requires_grad(chosen);
+            if chosen {
+                names.push(format!("classifier.{name}"));
+                tensors.push(t);
+            }
+        }
+        for (name, t) in denoiser {
+            let chosen = adapt == Adapt::ClassifierDiffusion;
+            let t = t.set_requires_grad(chosen);
+            if chosen {
+                names.push(format!("denoiser.{name}"));
+                tensors.push(t);
+            }
+        }
+        AdaptedParams { names, tensors }
+    }
+
+    /// Device copies of the current values.
+    pub fn snapshot(&self) -> Vec<Tensor> {
+        tch::no_grad(|| self.tensors.iter().map(|t| t.detach().copy()).collect())
+    }
+
+    /// Copies `snapshot` back into the live parameters, in place.
+    pub fn restore(&self, snapshot: &[Tensor]) {
+        tch::no_grad(|| {
+            for (t, s) in self.tensors.iter().zip(snapshot) {
+                let _ = t.shallow_clone().f_copy_(s).expect("snapshot matches its parameter");
+            }
+        });
+    }
+
+    pub fn zero_grad(&self) {
+        for t in &self.tensors {
+            let mut t = t.shallow_clone();
+            t.zero_grad();
+        }
+    }
+
+    /// L2 norm of all gradients together, as a device scalar (no sync).
+    pub fn grad_norm(&self) -> Tensor {
+        let squares: Vec<Tensor> = self
+            .tensors
+            .iter()
+            .map(|t| t.grad())
+            .filter(|g| g.defined())
+            .map(|g| g.square().sum(Kind::Float))
+            .collect();
+        if squares.is_empty() {
+            return Tensor::from(0f32);
+        }
+        Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+}

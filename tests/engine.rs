@@ -1,0 +1,358 @@
+//! The Diffusion-TTA engine against a Python reference of the published loop, on tiny
+//! real TorchScript models, plus the engine's invariants (what adapts, what resets).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use dtta::config::{Adapt, Loss, Mode, OptimizerKind, TtaConfig};
+use dtta::model::Bundle;
+use dtta::storage::StoreOptions;
+use dtta::tta::engine::DiffusionTta;
+use dtta::tta::schedule::ReplayNoise;
+use tch::{Device, Kind, Tensor};
+
+fn python(args: &[&str]) {
+    let py = repo().join(".venv/bin/python");
+    assert!(py.exists(), "the venv is missing: run `make setup`");
+    let o = Command::new(py).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+fn tiny_bundle(dir: &Path, text_embeddings: bool) -> PathBuf {
+    let out = dir.join(if text_embeddings { "tiny-text" } else { "tiny" });
+    let mut args = vec![
+        repo().join("tools/make_tiny_bundle.py").to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+    ];
+    if text_embeddings {
+        args.push("--text-embeddings".into());
+    }
+    python(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    out
+}
+
+fn load(bundle: &Path) -> Bundle {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(Bundle::open(bundle.to_str().unwrap(), &StoreOptions::default()))
+        .unwrap()
+}
+
+fn engine(bundle: &Bundle, cfg: &TtaConfig) -> DiffusionTta {
+    let classifier = bundle.load_classifier(Device::Cpu).unwrap();
+    let diffusion = bundle.load_diffusion(Device::Cpu).unwrap();
+    DiffusionTta::new(classifier, diffusion, cfg, 0).unwrap()
+}
+
+fn knobs(steps: usize, accum: usize, samples: usize) -> TtaConfig {
+    TtaConfig {
+        steps,
+        accum,
+        samples_per_step: samples,
+        lr: 0.05,
+        ..TtaConfig::default()
+    }
+}
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    Vec::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs() / (y.abs() as f64).max(1e-3))
+        .fold(0.0, f64::max)
+}
+
+/// Runs the reference with `ref_args`, replays its draws through the engine configured
+/// by `cfg`, and compares per-iteration losses and final adapted parameters.
+fn check_parity(bundle_dir: &Path, cfg: TtaConfig, ref_args: &[&str]) {
+    let out = bundle_dir.join(format!("ref-{}.safetensors", rand::random::<u32>()));
+    let mut args = vec![
+        repo().join("tools/reference_tta.py").to_string_lossy().into_owned(),
+        bundle_dir.to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+    ];
+    args.extend(ref_args.iter().map(|s| s.to_string()));
+    python(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let reference: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+
+    let bundle = load(bundle_dir);
+    // Online mode: the adapted weights stay in place after the image, to be compared.
+    let cfg = TtaConfig {
+        mode: Mode::Online,
+        ..cfg
+    };
+    let mut engine = engine(&bundle, &cfg).with_noise(Box::new(ReplayNoise {
+        t: reference["t"].shallow_clone(),
+        eps: reference["eps"].shallow_clone(),
+    }));
+    let adapted = engine
+        .adapt("k", &floats(&reference["x_cls"]), &floats(&reference["x_gen"]))
+        .unwrap();
+    assert!(adapted.diverged.is_none());
+    let losses = floats(&reference["losses"]);
+    assert_eq!(adapted.iteration_losses.len(), losses.len());
+    let rel = max_rel(&adapted.iteration_losses, &losses);
+    assert!(
+        rel < 1e-4,
+        "per-iteration losses differ by {rel:e}: {:?} vs {losses:?}",
+        adapted.iteration_losses
+    );
+
+    let params = engine.adapted_parameters();
+    let expected: Vec<&String> = reference.keys().filter(|k| k.starts_with("param.")).collect();
+    assert_eq!(
+        params.names.len(),
+        expected.len(),
+        "same adapted set: {:?}",
+        params.names
+    );
+    for (name, t) in params.names.iter().zip(&params.tensors) {
+        let r = &reference[&format!("param.{name}")];
+        let rel = max_rel(&floats(t), &floats(r));
+        assert!(rel < 1e-4, "{name} differs by {rel:e} relative");
+    }
+}
+
+#[test]
+fn matches_the_reference_loop_sgd_classifier_and_diffusion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tiny_bundle(tmp.path(), false);
+    check_parity(
+        &b,
+        knobs(3, 2, 4),
+        &["--steps", "3", "--accum", "2", "--samples", "4", "--lr", "0.05"],
+    );
+}
+
+#[test]
+fn matches_the_reference_loop_adamw_l1_topk_text_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tiny_bundle(tmp.path(), true);
+    let cfg = TtaConfig {
+        optimizer: OptimizerKind::Adamw,
+        lr: 0.01,
+        weight_decay: 0.01,
+        loss: Loss::L1,
+        adapt: Adapt::Classifier,
+        adapt_topk: 2,
+        ..knobs(2, 3, 5)
+    };
+    check_parity(
+        &b,
+        cfg,
+        &[
+            "--steps",
+            "2",
+            "--accum",
+            "3",
+            "--samples",
+            "5",
+            "--lr",
+            "0.01",
+            "--weight-decay",
+            "0.01",
+            "--optimizer",
+            "adamw",
+            "--loss",
+            "l1",
+            "--adapt",
+            "classifier",
+            "--adapt-topk",
+            "2",
+        ],
+    );
+}
+
+fn snapshot(e: &DiffusionTta) -> Vec<(String, Tensor)> {
+    let mut all: Vec<(String, Tensor)> = e
+        .classifier()
+        .named_parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (format!("classifier.{n}"), t.detach().copy()))
+        .collect();
+    for (n, t) in e.adapted_parameters().names.iter().zip(&e.adapted_parameters().tensors) {
+        if n.starts_with("denoiser.") {
+            all.push((n.clone(), t.detach().copy()));
+        }
+    }
+    all
+}
+
+fn image(seed: i64) -> (Vec<f32>, Vec<f32>) {
+    tch::manual_seed(seed);
+    (
+        floats(&Tensor::randn([3 * 8 * 8], (Kind::Float, Device::Cpu))),
+        floats(&(Tensor::rand([3 * 8 * 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)),
+    )
+}
+
+#[test]
+fn gradients_reach_the_classifier_but_not_its_head_and_adapt_classifier_spares_the_denoiser() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = load(&tiny_bundle(tmp.path(), false));
+    let cfg = TtaConfig {
+        adapt: Adapt::Classifier,
+        mode: Mode::Online,
+        ..knobs(2, 2, 4)
+    };
+    let mut e = engine(&bundle, &cfg);
+    let denoiser_before: Vec<Tensor> = bundle_denoiser_params(&bundle);
+    let before = snapshot(&e);
+    let (x, g) = image(1);
+    e.adapt("a", &x, &g).unwrap();
+    let after = snapshot(&e);
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        if name.contains(".fc.") {
+            assert!(a.equal(b), "head parameter {name} changed");
+        } else {
+            assert!(!a.equal(b), "classifier parameter {name} did not change");
+        }
+    }
+    assert!(!e.adapted_parameters().names.iter().any(|n| n.starts_with("denoiser.")));
+    let diffusion = e_denoiser_params(&e);
+    for (d, original) in diffusion.iter().zip(&denoiser_before) {
+        assert!(d.equal(original), "adapt = classifier changed the denoiser");
+    }
+}
+
+fn bundle_denoiser_params(bundle: &Bundle) -> Vec<Tensor> {
+    let d = bundle.load_diffusion(Device::Cpu).unwrap();
+    d.named_parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t.detach().copy())
+        .collect()
+}
+
+fn e_denoiser_params(e: &DiffusionTta) -> Vec<Tensor> {
+    e.denoiser_parameters()
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t.detach().copy())
+        .collect()
+}
+
+#[test]
+fn episodic_reset_restores_every_weight_bit_for_bit_and_online_carries_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle_dir = tiny_bundle(tmp.path(), false);
+    let bundle = load(&bundle_dir);
+    let mut e = engine(
+        &bundle,
+        &TtaConfig {
+            mode: Mode::Episodic,
+            ..knobs(2, 2, 4)
+        },
+    );
+    let originals = snapshot(&e);
+    let originals_denoiser = e_denoiser_params(&e);
+    for i in 0..2 {
+        let (x, g) = image(i);
+        let r = e.adapt(&format!("img-{i}"), &x, &g).unwrap();
+        assert_eq!(r.steps.len(), 2);
+        for ((name, o), (_, now)) in originals.iter().zip(&snapshot(&e)) {
+            assert!(now.equal(o), "{name} not restored after image {i}");
+        }
+        for (o, now) in originals_denoiser.iter().zip(&e_denoiser_params(&e)) {
+            assert!(now.equal(o), "denoiser not restored after image {i}");
+        }
+    }
+    // Buffers too: the saved module equals the bundle's file, state_dict entry by entry.
+    let saved = tmp.path().join("after.pt");
+    e.classifier().save(&saved).unwrap();
+    python(&[
+        "-c",
+        "import sys, torch\na = torch.jit.load(sys.argv[1]).state_dict()\nb = torch.jit.load(sys.argv[2]).state_dict()\nassert a.keys() == b.keys()\nfor k in a:\n    assert torch.equal(a[k], b[k]), k\nassert any('running_mean' in k for k in a)",
+        saved.to_str().unwrap(),
+        bundle_dir.join("classifier.pt").to_str().unwrap(),
+    ]);
+
+    let mut online = engine(
+        &bundle,
+        &TtaConfig {
+            mode: Mode::Online,
+            ..knobs(2, 2, 4)
+        },
+    );
+    let (x, g) = image(0);
+    online.adapt("img-0", &x, &g).unwrap();
+    let after_first = snapshot(&online);
+    assert!(
+        after_first.iter().zip(&originals).any(|((_, a), (_, o))| !a.equal(o)),
+        "online adapted nothing"
+    );
+    let (x, g) = image(1);
+    online.adapt("img-1", &x, &g).unwrap();
+    let after_second = snapshot(&online);
+    assert!(
+        after_second
+            .iter()
+            .zip(&after_first)
+            .any(|((_, a), (_, b))| !a.equal(b)),
+        "online did not carry on"
+    );
+}
+
+#[test]
+fn a_diverging_image_keeps_the_source_prediction_and_restores_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = load(&tiny_bundle(tmp.path(), false));
+    let mut e = engine(
+        &bundle,
+        &TtaConfig {
+            lr: 1e30,
+            ..knobs(3, 1, 4)
+        },
+    );
+    let originals = snapshot(&e);
+    let (x, g) = image(3);
+    let r = e.adapt("boom", &x, &g).unwrap();
+    let reason = r.diverged.expect("a 1e30 learning rate diverges");
+    assert!(reason.contains("loss became"), "{reason}");
+    assert_eq!(r.after, r.before);
+    for ((name, o), (_, now)) in originals.iter().zip(&snapshot(&e)) {
+        assert!(now.equal(o), "{name} not restored after divergence");
+    }
+    // The next image adapts normally from the original weights.
+    let mut fine = engine(&bundle, &knobs(1, 1, 4));
+    let (x, g) = image(4);
+    assert!(fine.adapt("ok", &x, &g).unwrap().diverged.is_none());
+}
+
+#[test]
+fn mismatched_bundle_shapes_fail_at_load_naming_both_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_bundle(tmp.path(), false);
+    let write_embeddings = |rows: i64, width: i64| {
+        let e = Tensor::randn([rows, width], (Kind::Float, Device::Cpu));
+        Tensor::write_safetensors(&[("embeddings", &e)], dir.join("class_embeddings.safetensors")).unwrap();
+    };
+    write_embeddings(5, 6);
+    let err = load(&dir)
+        .load_diffusion(Device::Cpu)
+        .err()
+        .expect("5 classes vs 4")
+        .to_string();
+    assert!(err.contains("[5, 6]") && err.contains("num_classes = 4"), "{err}");
+    write_embeddings(4, 7);
+    let err = load(&dir)
+        .load_diffusion(Device::Cpu)
+        .err()
+        .expect("width 7 vs 6")
+        .to_string();
+    assert!(
+        err.contains("[1, 7]") && err.contains("[4, 7]") && err.contains("denoiser rejected"),
+        "{err}"
+    );
+}

@@ -1,0 +1,114 @@
+"""Writes a tiny random-weight bundle for tests: every shape path of the bundle contract.
+
+Usage: python tools/make_tiny_bundle.py OUT_DIR [--seed 0] [--text-embeddings]
+
+- classifier.pt: RGB 8x8 -> 4 classes (conv, BatchNorm, linear head `fc`).
+- encoder.pt: image in [-1,1] [N,3,8,8] -> latent [N,2,4,4]; latent_scale 0.5.
+- denoiser.pt: forward(x_t [N,2,4,4], t [N], cond [N,D] or [N,T,D]) -> [N,4,4,4]
+  (learned variance: 2C channels, the first C are the noise prediction).
+- class_embeddings.safetensors: `embeddings` [4,6], or [4,3,6] with --text-embeddings.
+Weights are random (seeded); the point is shapes and arithmetic, not accuracy.
+"""
+import argparse
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+K, D, T_TOKENS = 4, 6, 3
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, K)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class TinyDenoiser(nn.Module):
+    def __init__(self, text: bool):
+        super().__init__()
+        self.text = text
+        self.inp = nn.Conv2d(2, 8, 3, padding=1)
+        self.t_proj = nn.Linear(1, 8)
+        self.c_proj = nn.Linear(D, 16)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.text:
+            cond = cond.mean(dim=1)
+        scale, shift = self.c_proj(cond).chunk(2, dim=1)
+        h = self.inp(x_t) + self.t_proj(t.float().unsqueeze(1) / 1000.0)[:, :, None, None]
+        h = torch.tanh(h * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+        return self.out(h)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-embeddings", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    classifier = TinyClassifier()
+    # Non-trivial running statistics, so a buffer mix-up would show.
+    classifier.bn.running_mean.uniform_(-0.2, 0.2)
+    classifier.bn.running_var.uniform_(0.5, 1.5)
+    classifier.eval()
+    torch.jit.script(classifier).save(os.path.join(args.out_dir, "classifier.pt"))
+    torch.jit.script(TinyEncoder().eval()).save(os.path.join(args.out_dir, "encoder.pt"))
+    torch.jit.script(TinyDenoiser(args.text_embeddings).eval()).save(os.path.join(args.out_dir, "denoiser.pt"))
+    shape = (K, T_TOKENS, D) if args.text_embeddings else (K, D)
+    save_file({"embeddings": torch.randn(*shape)}, os.path.join(args.out_dir, "class_embeddings.safetensors"))
+    with open(os.path.join(args.out_dir, "bundle.toml"), "w") as f:
+        f.write(f"""# Tiny random-weight bundle for tests (tools/make_tiny_bundle.py).
+name = "tiny"
+
+[classifier]
+file = "classifier.pt"
+num_classes = {K}
+head = ["fc.weight", "fc.bias"]
+norm = ["bn.weight", "bn.bias"]
+
+[classifier.preprocess]
+channels = 3
+resize = 8
+crop = 8
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+
+[diffusion]
+denoiser = "denoiser.pt"
+class_embeddings = "class_embeddings.safetensors"
+encoder = "encoder.pt"
+latent_scale = 0.5
+channels = 3
+resolution = 8
+
+[diffusion.schedule]
+kind = "linear"
+beta_start = 0.0001
+beta_end = 0.02
+steps = 1000
+""")
+
+
+if __name__ == "__main__":
+    main()
