@@ -182,6 +182,10 @@ pub fn committed_files(out: &Path) -> BTreeMap<String, PathBuf> {
     };
     for entry in dir {
         let path = entry.unwrap().path();
+        // Skip staging files (`x.json#1`) of a marker being written right now.
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
         let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let shard = marker["shard"].as_str().unwrap().to_string();
         files.insert(shard, out.join(marker["predictions"].as_str().unwrap()));
