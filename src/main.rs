@@ -164,10 +164,19 @@ fn print_report(r: &RunReport) {
     }
     if t.labelled > 0 {
         println!(
-            "  accuracy: {} top-1 ({}) on {} labelled images",
+            "  accuracy: {} top-1 before, {} after ({}) on {} labelled images",
+            percent(t.accuracy_before()),
             percent(t.accuracy_after()),
             r.method,
             t.labelled
+        );
+    }
+    let predicted = t.rows - t.not_ok() + t.statuses.get("diverged").copied().unwrap_or(0);
+    if predicted > 0 {
+        println!(
+            "  compute:  {:.2} ms/image in the method, adapt stage busy {:.0}% of the run",
+            t.adapt_ms / predicted as f64,
+            100.0 * r.adapt_busy_s / r.elapsed_s.max(1e-9)
         );
     }
     println!("  output:   {}", r.output);
@@ -247,6 +256,44 @@ async fn cmd_inspect(location: &str, device: &str) -> ExitCode {
         ),
         Err(e) => return fail(&format!("cannot list parameters: {e}"), 1),
     }
+    if !c.norm.is_empty() {
+        println!("  norm params: {} tensors (TENT, adapt = \"norm\")", c.norm.len());
+    }
+    if let Some(d) = &spec.diffusion {
+        let diffusion = match bundle.load_diffusion(device) {
+            Ok(diffusion) => diffusion,
+            Err(e) => return fail(&e.to_string(), 1),
+        };
+        let params: i64 = match diffusion.named_parameters() {
+            Ok(p) => p.iter().map(|(_, t)| t.numel() as i64).sum(),
+            Err(e) => return fail(&format!("cannot list denoiser parameters: {e}"), 1),
+        };
+        println!(
+            "  diffusion:   {} ({params} parameters): z0 {:?}, class embeddings {:?} (checked with one forward)",
+            d.denoiser,
+            diffusion.latent_shape,
+            diffusion.embeddings.size()
+        );
+        println!(
+            "  encoder:     {}",
+            d.encoder
+                .as_deref()
+                .map_or("none (pixel space)".to_string(), |e| format!(
+                    "{e}, latent_scale {}",
+                    d.latent_scale
+                ))
+        );
+        println!(
+            "  gen view:    {} channel(s) at {}x{} in [-1, 1]; schedule {:?} {}..{} over {} steps",
+            d.channels,
+            d.resolution,
+            d.resolution,
+            d.schedule.kind,
+            d.schedule.beta_start,
+            d.schedule.beta_end,
+            d.schedule.steps
+        );
+    }
     if spec.class_names.is_empty() {
         println!("  classes:     {} (unnamed)", c.num_classes);
     } else {
@@ -287,12 +334,13 @@ async fn cmd_summarize(output_url: &str) -> ExitCode {
             + t.statuses.get("bad_label").copied().unwrap_or(0)
             + t.statuses.get("missing_label").copied().unwrap_or(0);
         println!(
-            "{:<24} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10.2}",
+            "{:<22} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10.2}",
             method,
             shards,
             t.rows,
             t.not_ok(),
             t.labelled,
+            percent(t.accuracy_before()),
             percent(t.accuracy_after()),
             t.adapt_ms / predicted.max(1) as f64
         );

@@ -7,6 +7,7 @@ mean 0.5, std 0.5. It writes BUNDLE_DIR/classifier.pt (TorchScript, eval mode) a
 BUNDLE_DIR/bundle.toml. Trains on the train split only (demo_data.split_indices).
 """
 import argparse
+import json
 import os
 
 import numpy as np
@@ -48,6 +49,8 @@ file = "classifier.pt"
 num_classes = 10
 # Parameters of the final layer; Diffusion-TTA never adapts them.
 head = ["fc.weight", "fc.bias"]
+# Affine parameters of the BatchNorm layers (TENT, adapt = "norm").
+norm = {norm}
 
 [classifier.preprocess]
 channels = 1
@@ -100,8 +103,14 @@ def main():
     os.makedirs(args.bundle_dir, exist_ok=True)
     scripted = torch.jit.script(model)
     scripted.save(os.path.join(args.bundle_dir, "classifier.pt"))
+    norm = [
+        f"{module}.{param}"
+        for module, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for param in ("weight", "bias")
+    ]
     with open(os.path.join(args.bundle_dir, "bundle.toml"), "w") as f:
-        f.write(BUNDLE_TOML)
+        f.write(BUNDLE_TOML.replace("{norm}", json.dumps(norm)))
     print(f"exported {args.bundle_dir}")
 
 

@@ -182,7 +182,7 @@ mod tests {
             channels: Channels::Rgb,
             data: (0..8 * 4)
                 .flat_map(|i| {
-                    if i % 8 < 2 || i % 8 > 5 {
+                    if i % 8 == 0 || i % 8 == 7 {
                         [0, 0, 0]
                     } else {
                         [255, 255, 255]
@@ -190,7 +190,8 @@ mod tests {
                 })
                 .collect(),
         };
-        // Classifier: resize 4 -> crop 4 keeps the middle 4 columns, all white.
+        // Classifier: resize 4 -> crop 4 keeps columns 2..6; the 2x filter support reaches
+        // columns 1..7 (as resize-then-crop would), still white; columns 0 and 7 are black.
         let gen = DiffusionView {
             channels: Channels::Gray,
             resolution: 2,

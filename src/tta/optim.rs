@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn sgd_momentum_matches_torch_formula() {
-        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let mut p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.1, 0.9, 0.0);
         let mut expected = [1.0f64, -2.0];
         let mut buf = [0.0f64; 2];
@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn adamw_matches_torch_formula() {
-        let p = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
+        let mut p = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
         let mut opt = Optimizer::new(OptimizerKind::Adamw, 0.01, 0.0, 0.1);
         let (mut x, mut m, mut v) = (0.5f64, 0.0f64, 0.0f64);
         for step in 1..=4 {

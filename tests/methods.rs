@@ -1,0 +1,257 @@
+//! Every method end to end through the real binary, on a tiny real bundle: rows, the
+//! steps table, and reproducibility across shard layouts and worker counts.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow_array::{Array, Float32Array, Int32Array, Int64Array, StringArray};
+use common::*;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+fn tiny_bundle(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny");
+    let o = std::process::Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tools/make_tiny_bundle.py"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    out
+}
+
+fn pipeline(dir: &Path, input: &str, out: &Path, bundle: &Path, tta: &str) -> PathBuf {
+    let path = dir.join(format!("p-{}.toml", rand::random::<u32>()));
+    std::fs::write(
+        &path,
+        format!(
+            "[input]\nurl = \"{input}\"\n[output]\nurl = \"{}\"\n[model]\nbundle = \"{}\"\n[runtime]\ndevice = \"cpu\"\nseed = 11\n[tta]\n{tta}\n",
+            out.display(),
+            bundle.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// (key -> (pred_before, pred_after, loss_last)) of committed predictions.
+fn results(out: &Path) -> BTreeMap<String, (Option<i64>, Option<i64>, Option<f32>, String)> {
+    let mut map = BTreeMap::new();
+    for file in committed_files(out).values() {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(file).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let b = batch.unwrap();
+            let key = b
+                .column_by_name("key")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            let status = b
+                .column_by_name("status")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            let before = b
+                .column_by_name("pred_before")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone();
+            let after = b
+                .column_by_name("pred_after")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone();
+            let loss = b
+                .column_by_name("loss_last")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .unwrap()
+                .clone();
+            for r in 0..b.num_rows() {
+                let opt_i = |a: &Int64Array| a.is_valid(r).then(|| a.value(r));
+                map.insert(
+                    key.value(r).to_string(),
+                    (
+                        opt_i(&before),
+                        opt_i(&after),
+                        loss.is_valid(r).then(|| loss.value(r)),
+                        status.value(r).to_string(),
+                    ),
+                );
+            }
+        }
+    }
+    map
+}
+
+fn steps_rows(out: &Path) -> Vec<(String, i32)> {
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(out.join("_commits")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let file = out.join(marker["steps"].as_str().unwrap());
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(file).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let b = batch.unwrap();
+            let key = b
+                .column_by_name("key")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            let step = b
+                .column_by_name("step")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .unwrap()
+                .clone();
+            for r in 0..b.num_rows() {
+                rows.push((key.value(r).to_string(), step.value(r)));
+            }
+        }
+    }
+    rows.sort();
+    rows
+}
+
+fn shards(dir: &Path, per_shard: usize, count: usize) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let demo = demo_samples();
+    for i in 0..count {
+        write_demo_shard(
+            &dir.join(format!("s-{i:02}.tar")),
+            &demo[i * per_shard..(i + 1) * per_shard],
+        );
+    }
+    format!("{}/", dir.display())
+}
+
+#[test]
+fn every_method_writes_its_rows_and_diffusion_tta_its_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tiny_bundle(tmp.path());
+    let input = shards(&tmp.path().join("in"), 4, 3);
+    let cases = [
+        ("source", "method = \"source\""),
+        ("tent", "method = \"tent\""),
+        ("diffusion-classifier", "method = \"diffusion-classifier\"\n[tta.diffusion_classifier]\nsamples = 8\nprune_to = 2\nfirst_samples = 4"),
+        ("diffusion-tta", "method = \"diffusion-tta\"\nsteps = 2\naccum = 2\nsamples_per_step = 3"),
+    ];
+    for (name, tta) in cases {
+        let out = tmp.path().join(format!("out-{name}"));
+        let p = pipeline(tmp.path(), &input, &out, &bundle, tta);
+        let o = run_dtta(&["run", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let r = results(&out);
+        assert_eq!(r.len(), 12, "{name}");
+        assert!(
+            r.values().all(|(b, a, _, s)| b.is_some() && a.is_some() && s == "ok"),
+            "{name}: {r:?}"
+        );
+        let steps = steps_rows(&out);
+        if name == "diffusion-tta" {
+            assert_eq!(steps.len(), 12 * 2, "two steps per image");
+            assert!(r.values().all(|(_, _, loss, _)| loss.is_some()));
+        } else {
+            assert!(steps.is_empty(), "{name} writes no steps");
+        }
+        let summary = run_dtta(&["summarize", out.to_str().unwrap()]);
+        assert!(
+            String::from_utf8_lossy(&summary.stdout).contains(name),
+            "{}",
+            text(&summary)
+        );
+    }
+}
+
+#[test]
+fn diffusion_tta_results_depend_on_seed_and_key_not_on_layout_or_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tiny_bundle(tmp.path());
+    let tta = "method = \"diffusion-tta\"\nsteps = 2\naccum = 2\nsamples_per_step = 3\nlr = 0.5";
+    // 12 images as 2 shards of 6, run by one worker.
+    let a_in = shards(&tmp.path().join("a"), 6, 2);
+    let a_out = tmp.path().join("out-a");
+    let o = run_dtta(&[
+        "run",
+        pipeline(tmp.path(), &a_in, &a_out, &bundle, tta).to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The same images as 4 shards of 3, split across 2 workers.
+    let b_in = shards(&tmp.path().join("b"), 3, 4);
+    let b_out = tmp.path().join("out-b");
+    let p = pipeline(tmp.path(), &b_in, &b_out, &bundle, tta);
+    for w in ["0", "1"] {
+        let o = run_dtta(&["run", p.to_str().unwrap(), "--worker-index", w, "--worker-count", "2"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let (a, b) = (results(&a_out), results(&b_out));
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, b, "same (seed, key), same result");
+    assert!(a.values().all(|v| v.2.is_some()), "every image adapted");
+
+    // A different seed draws different noise.
+    let c_out = tmp.path().join("out-c");
+    let p = pipeline(tmp.path(), &a_in, &c_out, &bundle, tta);
+    let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "runtime.seed=12"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let c = results(&c_out);
+    assert!(
+        a.iter().zip(&c).any(|((_, x), (_, y))| x.2 != y.2),
+        "losses should change with the seed"
+    );
+}
+
+#[test]
+fn unusable_method_settings_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tiny_bundle(tmp.path());
+    let input = shards(&tmp.path().join("in"), 2, 1);
+    let out = tmp.path().join("out");
+    let p = pipeline(
+        tmp.path(),
+        &input,
+        &out,
+        &bundle,
+        "method = \"diffusion-tta\"\nprecision = \"bf16\"",
+    );
+    let o = run_dtta(&["run", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bf16") && err.contains("CUDA"), "{err}");
+
+    // A bundle without a diffusion model cannot run diffusion methods.
+    let p = pipeline(tmp.path(), &input, &out, &bundle, "method = \"diffusion-classifier\"");
+    let spec = std::fs::read_to_string(bundle.join("bundle.toml")).unwrap();
+    std::fs::write(bundle.join("bundle.toml"), spec.split("\n[diffusion]").next().unwrap()).unwrap();
+    let o = run_dtta(&["run", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no [diffusion] section"),
+        "{}",
+        text(&o)
+    );
+    assert!(committed_files(&out).is_empty(), "nothing committed");
+}
