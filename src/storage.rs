@@ -124,36 +124,27 @@ pub fn open(url: &str, options: &StoreOptions) -> Result<Location, StorageError>
         ..RetryConfig::default()
     };
     let client = ClientOptions::new().with_timeout(options.request_timeout);
+    // Each cloud's builder: credentials from its environment, then the URL, retries and
+    // timeouts, behind the process-wide cap on requests in flight.
+    macro_rules! cloud {
+        ($builder:ty) => {
+            Arc::new(LimitStore::new(
+                <$builder>::from_env()
+                    .with_url(parsed.as_str())
+                    .with_retry(retry)
+                    .with_client_options(client)
+                    .build()
+                    .map_err(open_err)?,
+                options.max_requests,
+            ))
+        };
+    }
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::Local => Arc::new(LocalFileSystem::new()),
         ObjectStoreScheme::Memory => memory_store(),
-        ObjectStoreScheme::AmazonS3 => Arc::new(LimitStore::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_url(parsed.as_str())
-                .with_retry(retry)
-                .with_client_options(client)
-                .build()
-                .map_err(open_err)?,
-            options.max_requests,
-        )),
-        ObjectStoreScheme::GoogleCloudStorage => Arc::new(LimitStore::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(parsed.as_str())
-                .with_retry(retry)
-                .with_client_options(client)
-                .build()
-                .map_err(open_err)?,
-            options.max_requests,
-        )),
-        ObjectStoreScheme::MicrosoftAzure => Arc::new(LimitStore::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(parsed.as_str())
-                .with_retry(retry)
-                .with_client_options(client)
-                .build()
-                .map_err(open_err)?,
-            options.max_requests,
-        )),
+        ObjectStoreScheme::AmazonS3 => cloud!(object_store::aws::AmazonS3Builder),
+        ObjectStoreScheme::GoogleCloudStorage => cloud!(object_store::gcp::GoogleCloudStorageBuilder),
+        ObjectStoreScheme::MicrosoftAzure => cloud!(object_store::azure::MicrosoftAzureBuilder),
         other => return Err(invalid(format!("{other:?} URLs are not supported"))),
     };
     Ok(Location { store, prefix, display })

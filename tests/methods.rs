@@ -36,8 +36,11 @@ fn pipeline(dir: &Path, input: &str, out: &Path, bundle: &Path, tta: &str) -> Pa
     path
 }
 
-/// (key -> (pred_before, pred_after, loss_last)) of committed predictions.
-fn results(out: &Path) -> BTreeMap<String, (Option<i64>, Option<i64>, Option<f32>, String)> {
+/// pred_before, pred_after, loss_last, status of one row.
+type RowSummary = (Option<i64>, Option<i64>, Option<f32>, String);
+
+/// key -> summary of every committed predictions row.
+fn results(out: &Path) -> BTreeMap<String, RowSummary> {
     let mut map = BTreeMap::new();
     for file in committed_files(out).values() {
         let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(file).unwrap())
@@ -46,41 +49,11 @@ fn results(out: &Path) -> BTreeMap<String, (Option<i64>, Option<i64>, Option<f32
             .unwrap();
         for batch in reader {
             let b = batch.unwrap();
-            let key = b
-                .column_by_name("key")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone();
-            let status = b
-                .column_by_name("status")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone();
-            let before = b
-                .column_by_name("pred_before")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .clone();
-            let after = b
-                .column_by_name("pred_after")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .clone();
-            let loss = b
-                .column_by_name("loss_last")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .unwrap()
-                .clone();
+            let key = column::<StringArray>(&b, "key");
+            let status = column::<StringArray>(&b, "status");
+            let before = column::<Int64Array>(&b, "pred_before");
+            let after = column::<Int64Array>(&b, "pred_after");
+            let loss = column::<Float32Array>(&b, "loss_last");
             for r in 0..b.num_rows() {
                 let opt_i = |a: &Int64Array| a.is_valid(r).then(|| a.value(r));
                 map.insert(
@@ -113,20 +86,8 @@ fn steps_rows(out: &Path) -> Vec<(String, i32)> {
             .unwrap();
         for batch in reader {
             let b = batch.unwrap();
-            let key = b
-                .column_by_name("key")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone();
-            let step = b
-                .column_by_name("step")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Int32Array>()
-                .unwrap()
-                .clone();
+            let key = column::<StringArray>(&b, "key");
+            let step = column::<Int32Array>(&b, "step");
             for r in 0..b.num_rows() {
                 rows.push((key.value(r).to_string(), step.value(r)));
             }

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use super::optim::Optimizer;
 use super::params::AdaptedParams;
 use super::schedule::{add_noise, NoiseSource, SeededNoise};
-use super::{predictions, Method, Outcome, Prediction};
+use super::{per_image, predictions, Method, Outcome, Prediction};
 use crate::config::{Adapt, DiffusionClassifierConfig, OptimizerKind, TentConfig, Timesteps};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
@@ -220,12 +220,7 @@ impl Method for DiffusionClassifier {
     }
 
     fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
-        let mut out = Vec::with_capacity(batch.len());
-        for p in batch {
-            let (Some(pixels), Some(gen)) = (p.pixels.as_deref(), p.gen_pixels.as_deref()) else {
-                out.push(Outcome::unpredicted(p));
-                continue;
-            };
+        per_image(batch, |p, pixels, gen| {
             let started = Instant::now();
             let device = self.diffusion.device;
             let side = self.diffusion.view.resolution as i64;
@@ -274,8 +269,7 @@ impl Method for DiffusionClassifier {
             o.loss_first = Some(best_loss);
             o.loss_last = Some(best_loss);
             o.adapt_ms = started.elapsed().as_secs_f64() * 1e3;
-            out.push(o);
-        }
-        Ok(out)
+            Ok(o)
+        })
     }
 }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use super::optim::Optimizer;
 use super::params::AdaptedParams;
 use super::schedule::{add_noise, NoiseSource, SeededNoise};
-use super::{predictions, Method, Outcome, Prediction, StepRecord};
+use super::{per_image, predictions, Method, Outcome, Prediction, StepRecord};
 use crate::config::{Loss, Mode, Precision, TtaConfig};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
@@ -298,12 +298,7 @@ impl Method for DiffusionTta {
     }
 
     fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
-        let mut out = Vec::with_capacity(batch.len());
-        for p in batch {
-            let (Some(pixels), Some(gen)) = (p.pixels.as_deref(), p.gen_pixels.as_deref()) else {
-                out.push(Outcome::unpredicted(p));
-                continue;
-            };
+        per_image(batch, |p, pixels, gen| {
             let adapted = self.adapt(&p.key, pixels, gen)?;
             let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
             o.set_before(&adapted.before);
@@ -317,8 +312,7 @@ impl Method for DiffusionTta {
                 o.status = Status::Diverged;
                 o.error = Some(reason);
             }
-            out.push(o);
-        }
-        Ok(out)
+            Ok(o)
+        })
     }
 }

@@ -134,6 +134,21 @@ impl Outcome {
     }
 }
 
+/// Runs `adapt` on every sample that has both views, in order; the others get their
+/// status row. For the per-image methods.
+pub fn per_image(
+    batch: Vec<Prepared>,
+    mut adapt: impl FnMut(&Prepared, &[f32], &[f32]) -> Result<Outcome, tch::TchError>,
+) -> Result<Vec<Outcome>, tch::TchError> {
+    batch
+        .into_iter()
+        .map(|p| match (p.pixels.as_deref(), p.gen_pixels.as_deref()) {
+            (Some(pixels), Some(gen)) => adapt(&p, pixels, gen),
+            _ => Ok(Outcome::unpredicted(p)),
+        })
+        .collect()
+}
+
 /// A method as the adapt stage sees it.
 pub trait Method {
     /// How many samples `run` would like at once (1 for per-image adaptation).

@@ -59,7 +59,7 @@ impl AdaptedParams {
     pub fn restore(&self, snapshot: &[Tensor]) {
         tch::no_grad(|| {
             for (t, s) in self.tensors.iter().zip(snapshot) {
-                let _ = t.shallow_clone().f_copy_(s).expect("snapshot matches its parameter");
+                t.shallow_clone().f_copy_(s).expect("snapshot matches its parameter");
             }
         });
     }

@@ -131,6 +131,17 @@ pub struct Row {
     pub pred_after: Option<i64>,
 }
 
+/// The column `name` of `batch` as a concrete arrow array type.
+pub fn column<T: Array + Clone + 'static>(batch: &arrow_array::RecordBatch, name: &str) -> T {
+    batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"))
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap_or_else(|| panic!("column {name} has another type"))
+        .clone()
+}
+
 pub fn read_parquet(path: &Path) -> Vec<Row> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
         .unwrap()
@@ -139,24 +150,8 @@ pub fn read_parquet(path: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.unwrap();
-        let s = |name: &str| {
-            batch
-                .column_by_name(name)
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone()
-        };
-        let i = |name: &str| {
-            batch
-                .column_by_name(name)
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .clone()
-        };
+        let s = |name: &str| column::<StringArray>(&batch, name);
+        let i = |name: &str| column::<Int64Array>(&batch, name);
         let (run, shard, key, status, error) = (s("run_id"), s("shard"), s("key"), s("status"), s("error"));
         let (label, pred) = (i("label"), i("pred_after"));
         for r in 0..batch.num_rows() {
