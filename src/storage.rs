@@ -17,7 +17,7 @@ use object_store::limit::LimitStore;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, ObjectStoreScheme, RetryConfig};
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, RetryConfig};
 use url::Url;
 
 #[derive(Debug, thiserror::Error)]
@@ -123,16 +123,18 @@ pub fn open(url: &str, options: &StoreOptions) -> Result<Location, StorageError>
         max_retries: options.max_retries,
         ..RetryConfig::default()
     };
-    let client = ClientOptions::new().with_timeout(options.request_timeout);
-    // Each cloud's builder: credentials from its environment, then the URL, retries and
-    // timeouts, behind the process-wide cap on requests in flight.
+    let timeout = format!("{}ms", options.request_timeout.as_millis());
+    // Each cloud's builder: credentials and client settings (AWS_ALLOW_HTTP, ...) from its
+    // environment, then the URL, retries and the request timeout, behind the process-wide
+    // cap on requests in flight. Hazard: `with_client_options` would replace the client
+    // settings read from the environment; set single keys instead.
     macro_rules! cloud {
         ($builder:ty) => {
             Arc::new(LimitStore::new(
                 <$builder>::from_env()
                     .with_url(parsed.as_str())
                     .with_retry(retry)
-                    .with_client_options(client)
+                    .with_config("timeout".parse().expect("a client key"), &timeout)
                     .build()
                     .map_err(open_err)?,
                 options.max_requests,
