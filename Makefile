@@ -10,6 +10,10 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # the shell when a recipe runs: make's own wildcard caches the tree before setup made it.
 CARGO := LIBTORCH="$$(ls -d $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch | head -n 1)" cargo
 BIN := target/release/dtta
+# Storage servers the integration tests start on loopback (see README, "Tests").
+TOOLS := .tools
+S3S_FS := $(TOOLS)/bin/s3s-fs
+AZURITE := $(TOOLS)/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: help setup build demo test check-python fmt clean
 
@@ -23,7 +27,14 @@ $(STAMP): tools/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tools/requirements.txt
 	@touch $@
 
-setup: $(STAMP)
+$(S3S_FS):
+	cargo install --quiet --root $(TOOLS) s3s-fs --version 0.14.1 --features binary
+
+# Azurite 3.35.0: 3.36+ needs a newer Node than Debian's.
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/azurite azurite@3.35.0
+
+setup: $(STAMP) $(S3S_FS) $(AZURITE)
 
 build: setup
 	$(CARGO) build --release

@@ -211,3 +211,4 @@ pub fn all_prediction_files(out: &Path) -> Vec<PathBuf> {
     found.sort();
     found
 }
+pub mod servers;
