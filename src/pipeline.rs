@@ -134,6 +134,15 @@ pub struct FailedShard {
     pub error: String,
 }
 
+/// The config with credentials stripped from its URLs, for the run summary.
+fn redacted(config: &PipelineConfig) -> PipelineConfig {
+    let mut c = config.clone();
+    c.input.url = storage::redact_url(&c.input.url);
+    c.output.url = storage::redact_url(&c.output.url);
+    c.model.bundle = storage::redact_url(&c.model.bundle);
+    c
+}
+
 /// How progress is shown: a bar on a terminal, log lines otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressMode {
@@ -188,7 +197,7 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
         tally: Tally::default(),
         images_per_s: 0.0,
         adapt_busy_s: 0.0,
-        config: config.clone(),
+        config: redacted(&config),
     };
     if todo.is_empty() {
         tracing::info!("nothing to do: every shard of this worker is committed");

@@ -88,10 +88,13 @@ impl Location {
     }
 }
 
-/// Strips userinfo and query string (where SAS tokens and signatures live) from a URL.
+/// Strips userinfo and query string (where SAS tokens and signatures live) from a URL;
+/// anything else is returned as written.
 pub fn redact_url(url: &str) -> String {
     match Url::parse(url) {
-        Ok(mut u) if u.scheme().len() > 1 => {
+        Ok(mut u)
+            if u.scheme().len() > 1 && (u.query().is_some() || !u.username().is_empty() || u.password().is_some()) =>
+        {
             let had_query = u.query().is_some();
             let _ = u.set_username("");
             let _ = u.set_password(None);
@@ -405,6 +408,7 @@ mod tests {
         let r = redact_url("az://user:pw@container/x?sig=SECRET&sv=1");
         assert!(!r.contains("SECRET") && !r.contains("pw"), "{r}");
         assert!(r.contains("container/x"));
+        assert_eq!(redact_url("s3://b/shard-{0..9}.tar"), "s3://b/shard-{0..9}.tar");
     }
 
     #[tokio::test]

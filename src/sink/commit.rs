@@ -43,6 +43,10 @@ fn marker_relative(shard: &str) -> String {
 }
 
 /// Creates the shard's marker unless one exists.
+///
+/// Hazard: a create whose response was lost is retried by the store client and then
+/// finds the marker it wrote itself. The existing marker's run id tells the two apart,
+/// so a run never mistakes its own commit for another's (and deletes its data).
 pub async fn commit(out: &Location, marker: &CommitMarker) -> Result<CommitResult, SinkError> {
     let rel = marker_relative(&marker.shard);
     let body = serde_json::to_vec_pretty(marker).expect("markers serialize");
@@ -52,12 +56,33 @@ pub async fn commit(out: &Location, marker: &CommitMarker) -> Result<CommitResul
     };
     match out.store.put_opts(&out.child(&rel), PutPayload::from(body), opts).await {
         Ok(_) => Ok(CommitResult::Committed),
-        Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitResult::AlreadyCommitted),
+        Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+            match read_marker(out, &marker.shard).await?.run_id == marker.run_id {
+                true => Ok(CommitResult::Committed),
+                false => Ok(CommitResult::AlreadyCommitted),
+            }
+        }
         Err(source) => Err(SinkError::Store {
             path: out.display_child(&rel),
             source,
         }),
     }
+}
+
+/// Reads one shard's commit marker.
+pub async fn read_marker(out: &Location, shard: &str) -> Result<CommitMarker, SinkError> {
+    let rel = marker_relative(shard);
+    let path = out.display_child(&rel);
+    let bytes = async { out.store.get(&out.child(&rel)).await?.bytes().await }
+        .await
+        .map_err(|source| SinkError::Store {
+            path: path.clone(),
+            source,
+        })?;
+    serde_json::from_slice(&bytes).map_err(|e| SinkError::Corrupt {
+        path,
+        message: e.to_string(),
+    })
 }
 
 /// Ids of committed shards, from listing `_commits/` (no marker is read).
@@ -81,18 +106,7 @@ pub async fn committed_ids(out: &Location) -> Result<Vec<String>, SinkError> {
 pub async fn read_markers(out: &Location) -> Result<BTreeMap<String, CommitMarker>, SinkError> {
     let mut markers = BTreeMap::new();
     for id in committed_ids(out).await? {
-        let rel = marker_relative(&id);
-        let path = out.display_child(&rel);
-        let bytes = async { out.store.get(&out.child(&rel)).await?.bytes().await }
-            .await
-            .map_err(|source| SinkError::Store {
-                path: path.clone(),
-                source,
-            })?;
-        let marker: CommitMarker = serde_json::from_slice(&bytes).map_err(|e| SinkError::Corrupt {
-            path,
-            message: e.to_string(),
-        })?;
+        let marker = read_marker(out, &id).await?;
         markers.insert(id, marker);
     }
     Ok(markers)
