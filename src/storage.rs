@@ -177,6 +177,38 @@ fn to_url(url: &str) -> Result<Url, String> {
     Ok(u)
 }
 
+/// Attempts of [`retrying`].
+const ATTEMPTS: u32 = 5;
+
+/// Runs a read-only store operation again when it fails transiently. The store clients
+/// retry requests, but not a response body that breaks mid-read (a listing, a small
+/// object); this covers those. Not-found and precondition errors are final.
+pub async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(
+                e @ (object_store::Error::NotFound { .. }
+                | object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. }
+                | object_store::Error::NotModified { .. }),
+            ) => return Err(e),
+            Err(e) if attempt >= ATTEMPTS => return Err(e),
+            Err(e) => {
+                let wait = Duration::from_millis(100 << attempt);
+                tracing::warn!("{what}: attempt {attempt}/{ATTEMPTS} failed ({e}); again in {wait:?}");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// One shard found by listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardRef {
@@ -214,15 +246,14 @@ pub async fn list_shards(
     let (literals, globs): (Vec<String>, Vec<String>) = patterns.into_iter().partition(|p| !has_wildcard(p));
     let literals: BTreeSet<String> = literals.into_iter().collect();
 
-    let listing: Vec<_> = root
-        .store
-        .list(Some(&root.prefix))
-        .try_collect()
-        .await
-        .map_err(|source| StorageError::List {
-            url: root.display.clone(),
-            source,
-        })?;
+    let listing: Vec<_> = retrying(&format!("listing {}", root.display), || {
+        root.store.list(Some(&root.prefix)).try_collect()
+    })
+    .await
+    .map_err(|source| StorageError::List {
+        url: root.display.clone(),
+        source,
+    })?;
     let mut found: BTreeMap<String, ShardRef> = BTreeMap::new();
     for meta in listing {
         let Some(rel) = root.relative(&meta.location) else {
@@ -261,7 +292,11 @@ async fn list_single_or_folder(
     options: &StoreOptions,
 ) -> Result<(Location, Vec<ShardRef>), StorageError> {
     let object = open(url, options)?;
-    match object.store.head(&object.prefix).await {
+    match retrying(&format!("reading {}", object.display), || {
+        object.store.head(&object.prefix)
+    })
+    .await
+    {
         Ok(meta) => {
             let (parent, name) = url.rsplit_once('/').unwrap_or((".", url));
             let root = open(&format!("{parent}/"), options)?;

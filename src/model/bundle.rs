@@ -155,19 +155,20 @@ impl Bundle {
             file,
             message,
         };
-        let objects: Vec<_> = root
-            .store
-            .list(Some(&root.prefix))
-            .try_collect()
-            .await
-            .map_err(|e| read_err("(listing)".into(), e.to_string()))?;
+        let objects: Vec<_> = storage::retrying("listing the bundle", || {
+            root.store.list(Some(&root.prefix)).try_collect()
+        })
+        .await
+        .map_err(|e| read_err("(listing)".into(), e.to_string()))?;
         for meta in objects {
             let Some(rel) = root.relative(&meta.location) else {
                 continue;
             };
-            let data = async { root.store.get(&meta.location).await?.bytes().await }
-                .await
-                .map_err(|e| read_err(rel.clone(), e.to_string()))?;
+            let data = storage::retrying("downloading the bundle", || async {
+                root.store.get(&meta.location).await?.bytes().await
+            })
+            .await
+            .map_err(|e| read_err(rel.clone(), e.to_string()))?;
             let dest = tmp.path().join(&rel);
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| read_err(rel.clone(), e.to_string()))?;

@@ -10,7 +10,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use super::{SinkError, Tally};
-use crate::storage::Location;
+use crate::storage::{retrying, Location};
 
 /// The proof that a shard is done, and what it produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,30 +42,46 @@ fn marker_relative(shard: &str) -> String {
     format!("_commits/{shard}.json")
 }
 
+/// Attempts at creating a marker. The store client does not retry a conditional create
+/// whose request may have reached the server (it is not idempotent); this loop may,
+/// because a marker found afterwards is checked for being our own.
+const COMMIT_ATTEMPTS: u32 = 6;
+
 /// Creates the shard's marker unless one exists.
 ///
-/// Hazard: a create whose response was lost is retried by the store client and then
-/// finds the marker it wrote itself. The existing marker's run id tells the two apart,
-/// so a run never mistakes its own commit for another's (and deletes its data).
+/// Hazard: a create whose response was lost, when tried again, finds the marker it wrote
+/// itself. The existing marker's run id tells the two apart, so a run never mistakes its
+/// own commit for another's (and deletes its data).
 pub async fn commit(out: &Location, marker: &CommitMarker) -> Result<CommitResult, SinkError> {
     let rel = marker_relative(&marker.shard);
-    let body = serde_json::to_vec_pretty(marker).expect("markers serialize");
-    let opts = PutOptions {
-        mode: PutMode::Create,
-        ..Default::default()
-    };
-    match out.store.put_opts(&out.child(&rel), PutPayload::from(body), opts).await {
-        Ok(_) => Ok(CommitResult::Committed),
-        Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
-            match read_marker(out, &marker.shard).await?.run_id == marker.run_id {
-                true => Ok(CommitResult::Committed),
-                false => Ok(CommitResult::AlreadyCommitted),
+    let body = PutPayload::from(serde_json::to_vec_pretty(marker).expect("markers serialize"));
+    let mut attempt = 1;
+    loop {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match out.store.put_opts(&out.child(&rel), body.clone(), opts).await {
+            Ok(_) => return Ok(CommitResult::Committed),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+                return match read_marker(out, &marker.shard).await?.run_id == marker.run_id {
+                    true => Ok(CommitResult::Committed),
+                    false => Ok(CommitResult::AlreadyCommitted),
+                };
+            }
+            Err(source) if attempt >= COMMIT_ATTEMPTS => {
+                return Err(SinkError::Store {
+                    path: out.display_child(&rel),
+                    source,
+                })
+            }
+            Err(e) => {
+                let wait = std::time::Duration::from_millis(200 << attempt);
+                tracing::warn!(shard = %marker.shard, "commit attempt {attempt}/{COMMIT_ATTEMPTS} failed ({e}); again in {wait:?}");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
             }
         }
-        Err(source) => Err(SinkError::Store {
-            path: out.display_child(&rel),
-            source,
-        }),
     }
 }
 
@@ -73,12 +89,15 @@ pub async fn commit(out: &Location, marker: &CommitMarker) -> Result<CommitResul
 pub async fn read_marker(out: &Location, shard: &str) -> Result<CommitMarker, SinkError> {
     let rel = marker_relative(shard);
     let path = out.display_child(&rel);
-    let bytes = async { out.store.get(&out.child(&rel)).await?.bytes().await }
-        .await
-        .map_err(|source| SinkError::Store {
-            path: path.clone(),
-            source,
-        })?;
+    let location = out.child(&rel);
+    let bytes = retrying(&format!("reading {path}"), || async {
+        out.store.get(&location).await?.bytes().await
+    })
+    .await
+    .map_err(|source| SinkError::Store {
+        path: path.clone(),
+        source,
+    })?;
     serde_json::from_slice(&bytes).map_err(|e| SinkError::Corrupt {
         path,
         message: e.to_string(),
@@ -92,7 +111,9 @@ pub async fn committed_ids(out: &Location) -> Result<Vec<String>, SinkError> {
         path: out.display_child("_commits/"),
         source,
     };
-    let metas: Vec<_> = out.store.list(Some(&dir)).try_collect().await.map_err(list_err)?;
+    let metas: Vec<_> = retrying("listing _commits/", || out.store.list(Some(&dir)).try_collect())
+        .await
+        .map_err(list_err)?;
     let mut ids: Vec<String> = metas
         .iter()
         .filter_map(|m| out.relative(&m.location))
@@ -127,19 +148,20 @@ async fn remove_table_orphans(out: &Location, table: &str, shard: &str, keep_run
         Some((d, b)) => (format!("{table}/{d}"), b),
         None => (table.to_string(), shard),
     };
-    let metas: Vec<_> = out
-        .store
-        .list_with_delimiter(Some(&out.child(&dir)))
-        .await
-        .map(|l| l.objects)
-        .or_else(|e| match e {
-            object_store::Error::NotFound { .. } => Ok(Vec::new()),
-            e => Err(e),
-        })
-        .map_err(|source| SinkError::Store {
-            path: out.display_child(&dir),
-            source,
-        })?;
+    let prefix = out.child(&dir);
+    let metas: Vec<_> = retrying(&format!("listing {dir}/"), || {
+        out.store.list_with_delimiter(Some(&prefix))
+    })
+    .await
+    .map(|l| l.objects)
+    .or_else(|e| match e {
+        object_store::Error::NotFound { .. } => Ok(Vec::new()),
+        e => Err(e),
+    })
+    .map_err(|source| SinkError::Store {
+        path: out.display_child(&dir),
+        source,
+    })?;
     let mut removed = 0;
     for meta in metas {
         let Some(name) = meta.location.filename() else { continue };

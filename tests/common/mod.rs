@@ -211,4 +211,5 @@ pub fn all_prediction_files(out: &Path) -> Vec<PathBuf> {
     found.sort();
     found
 }
+pub mod fault_proxy;
 pub mod servers;
