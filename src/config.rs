@@ -52,22 +52,84 @@ pub struct InputConfig {
     /// When true, a sample without a label gets status `missing_label` (it is still predicted).
     #[serde(default)]
     pub require_label: bool,
+    #[serde(default)]
+    pub parquet: ParquetInputConfig,
+    #[serde(default)]
+    pub folder: FolderInputConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InputFormat {
+    /// Tar shards, samples grouped by key (WebDataset).
     #[default]
     Webdataset,
+    /// Parquet shards, one sample per row (Hugging Face datasets layout).
+    Parquet,
+    /// Image files below a prefix, grouped into shards of `folder.shard_size`.
+    Folder,
 }
 
 impl InputFormat {
-    /// File extension of this format's shards, used when the URL names a folder.
+    /// File extension of this format's shards, used when the URL names a folder; empty
+    /// for `folder`, which lists every object and keeps the images.
     pub fn shard_extension(self) -> &'static str {
         match self {
             InputFormat::Webdataset => ".tar",
+            InputFormat::Parquet => ".parquet",
+            InputFormat::Folder => "",
         }
     }
+}
+
+/// Columns of Parquet input, as the Hugging Face datasets layout names them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParquetInputConfig {
+    /// A struct column with `bytes` (and `path`), or a binary column.
+    pub image_column: String,
+    /// An integer column; empty for none.
+    pub label_column: String,
+    /// A string column naming each sample; empty: the image's `path`, else the row number.
+    pub key_column: String,
+}
+
+impl Default for ParquetInputConfig {
+    fn default() -> Self {
+        ParquetInputConfig {
+            image_column: "image".into(),
+            label_column: "label".into(),
+            key_column: String::new(),
+        }
+    }
+}
+
+/// Image files below a prefix (ImageFolder layout or flat).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FolderInputConfig {
+    pub labels: FolderLabels,
+    /// Images per shard (the unit of commit and resume), in sorted path order.
+    pub shard_size: usize,
+}
+
+impl Default for FolderInputConfig {
+    fn default() -> Self {
+        FolderInputConfig {
+            labels: FolderLabels::Parent,
+            shard_size: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FolderLabels {
+    /// ImageFolder: the class is the parent folder's name; classes are numbered in sorted
+    /// order of the names, as torchvision does.
+    Parent,
+    /// No labels.
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -448,6 +510,10 @@ impl PipelineConfig {
             ));
         }
         positive("runtime.batch_size", self.runtime.batch_size)?;
+        positive("input.folder.shard_size", self.input.folder.shard_size)?;
+        if self.input.parquet.image_column.is_empty() {
+            return Err(("input.parquet.image_column", "must not be empty".into()));
+        }
         positive("runtime.shards_in_flight", self.runtime.shards_in_flight)?;
         positive("runtime.max_requests", self.runtime.max_requests)?;
         if self.runtime.prefetch_bytes.0 < self.limits.max_member_bytes.0 {

@@ -29,7 +29,7 @@ use crate::config::PipelineConfig;
 use crate::image::{prepare, DecodeLimits, Prepared, Views};
 use crate::model::device::{self, DeviceSpec};
 use crate::model::{Bundle, BundleError};
-use crate::shards::{webdataset, Defect, ReadLimits, Sample, SampleSink, ShardInput, Status};
+use crate::shards::{self, Defect, ReadLimits, Sample, SampleSink, ShardInput, Status};
 use crate::sink::commit::{self, CommitMarker, CommitResult};
 use crate::sink::{ShardWriter, SinkError, Tally};
 use crate::storage::{self, Location, ShardRef, StorageError, StoreOptions};
@@ -86,8 +86,20 @@ impl Plan {
 
 pub async fn plan(config: &PipelineConfig, worker: Worker) -> Result<Plan, PipelineError> {
     let options = store_options(config);
-    let (input, listed) =
+    let (input, mut listed) =
         storage::list_shards(&config.input.url, config.input.format.shard_extension(), &options).await?;
+    if config.input.format == crate::config::InputFormat::Folder {
+        listed = shards::folder::group(listed, &config.input.folder);
+        if listed.is_empty() {
+            return Err(StorageError::NoMatch {
+                url: format!(
+                    "{} (no jpg/jpeg/png/webp objects)",
+                    storage::redact_url(&config.input.url)
+                ),
+            }
+            .into());
+        }
+    }
     let total_listed = listed.len();
     let output = storage::open(&config.output.url, &options)?;
     let committed = commit::committed_ids(&output).await?.into_iter().collect();
@@ -413,7 +425,7 @@ async fn fetch_stage(
     let retries = config.runtime.shard_retries;
     futures::stream::iter(shards)
         .for_each_concurrent(config.runtime.shards_in_flight, |shard| {
-            let (tx, budget, input) = (&tx, &budget, &input);
+            let (tx, budget, input, config) = (&tx, &budget, &input, &config);
             async move {
                 let id: Arc<str> = shard.id.as_str().into();
                 if tx.send(Event::Control(Control::Begin(id.clone()))).await.is_err() {
@@ -431,12 +443,14 @@ async fn fetch_stage(
                     let source = ShardInput {
                         store: input.store.clone(),
                         path: shard.path.clone(),
+                        size: shard.size,
+                        members: shard.members.clone(),
                         skip: sink.handed_on,
                     };
-                    match webdataset::read_shard(&source, limits, &mut sink).await {
+                    match shards::read_shard(&config.input, &source, limits, &mut sink).await {
                         Ok(_) if sink.closed => return,
                         Ok(samples) => break Control::End { shard: id.clone(), samples },
-                        Err(e) if attempt < retries => {
+                        Err(e) if attempt < retries && e.is_transient() => {
                             attempt += 1;
                             let wait = Duration::from_millis(200 * 2u64.pow(attempt.min(6)));
                             tracing::warn!(shard = %id, "read failed ({e}); retry {attempt}/{retries} in {wait:?}, resuming after {} sample(s)", sink.handed_on);

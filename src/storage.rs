@@ -217,6 +217,18 @@ pub struct ShardRef {
     pub id: String,
     pub path: Path,
     pub size: u64,
+    /// For shards made of separate objects (folder input): one object per sample, in
+    /// order; empty for shards that are one object (tar, Parquet).
+    pub members: Arc<Vec<Member>>,
+}
+
+/// One object that is one sample of a grouped shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub path: Path,
+    pub size: u64,
+    pub key: String,
+    pub label: Option<i64>,
 }
 
 /// Lists the shards that `url` names, sorted by path.
@@ -267,6 +279,7 @@ pub async fn list_shards(
                     id,
                     path: meta.location,
                     size: meta.size,
+                    members: Arc::default(),
                 },
             );
         }
@@ -305,6 +318,7 @@ async fn list_single_or_folder(
                 id,
                 path: meta.location,
                 size: meta.size,
+                members: Arc::default(),
             };
             Ok((root, vec![shard]))
         }

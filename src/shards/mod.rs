@@ -4,6 +4,8 @@
 //! problem with one member becomes a [`Defect`] on its sample (and later a `status`
 //! row), never a dropped sample. Only a broken shard stream is an error.
 
+pub mod folder;
+pub mod parquet;
 pub mod webdataset;
 
 use std::future::Future;
@@ -100,8 +102,20 @@ pub trait SampleSink: Send {
 pub enum ShardError {
     #[error("cannot open shard: {0}")]
     Open(#[from] object_store::Error),
+    #[error("not a readable Parquet shard: {0}")]
+    Parquet(#[from] ::parquet::errors::ParquetError),
+    #[error("{0}")]
+    Layout(String),
     #[error("shard stream broke after {samples} sample(s): {source}")]
     Read { samples: u64, source: std::io::Error },
+}
+
+impl ShardError {
+    /// Whether reading the shard again may succeed (a broken connection), as opposed to
+    /// a shard that is wrong in itself (its layout).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, ShardError::Layout(_))
+    }
 }
 
 /// A shard to read: where it is, and how many leading samples to skip because an
@@ -110,5 +124,23 @@ pub enum ShardError {
 pub struct ShardInput {
     pub store: Arc<dyn ObjectStore>,
     pub path: Path,
+    pub size: u64,
+    /// The objects of a grouped shard (folder input); empty otherwise.
+    pub members: Arc<Vec<crate::storage::Member>>,
     pub skip: u64,
+}
+
+/// Reads one shard of `format` into `sink`; returns the samples found (skipped ones
+/// included).
+pub async fn read_shard<S: SampleSink>(
+    format: &crate::config::InputConfig,
+    input: &ShardInput,
+    limits: ReadLimits,
+    sink: &mut S,
+) -> Result<u64, ShardError> {
+    match format.format {
+        crate::config::InputFormat::Webdataset => webdataset::read_shard(input, limits, sink).await,
+        crate::config::InputFormat::Parquet => parquet::read_shard(input, &format.parquet, limits, sink).await,
+        crate::config::InputFormat::Folder => folder::read_shard(input, limits, sink).await,
+    }
 }

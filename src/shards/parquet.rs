@@ -1,0 +1,221 @@
+//! Parquet shards in the Hugging Face datasets layout: one sample per row, the image in
+//! a struct column `{bytes, path}` or a binary column, an optional integer label column
+//! and an optional string key column. Read as a stream of record batches; memory is
+//! bounded by one row group's projected columns.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+
+use super::{Defect, ReadLimits, Sample, SampleSink, ShardError, ShardInput, Status};
+use crate::config::ParquetInputConfig;
+
+/// Rows per record batch read.
+const BATCH_ROWS: usize = 64;
+
+pub async fn read_shard<S: SampleSink>(
+    input: &ShardInput,
+    cfg: &ParquetInputConfig,
+    limits: ReadLimits,
+    sink: &mut S,
+) -> Result<u64, ShardError> {
+    let reader = StoreFileReader {
+        store: input.store.clone(),
+        path: input.path.clone(),
+        size: input.size,
+    };
+    let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
+    let schema = builder.schema().clone();
+    let wanted: Vec<&str> = [
+        cfg.image_column.as_str(),
+        cfg.label_column.as_str(),
+        cfg.key_column.as_str(),
+    ]
+    .into_iter()
+    .filter(|c| !c.is_empty())
+    .collect();
+    for column in [&cfg.image_column, &cfg.key_column] {
+        if !column.is_empty() && schema.field_with_name(column).is_err() {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Err(ShardError::Layout(format!(
+                "no column `{column}` (columns: {}); set input.parquet.*_column",
+                names.join(", ")
+            )));
+        }
+    }
+    let roots: Vec<usize> = wanted.iter().filter_map(|c| schema.index_of(c).ok()).collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    let mut stream = builder.with_projection(mask).with_batch_size(BATCH_ROWS).build()?;
+    let mut row = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| ShardError::Read {
+            samples: row,
+            source: std::io::Error::other(e),
+        })?;
+        let columns = Columns::of(&batch, cfg)?;
+        for r in 0..batch.num_rows() {
+            if row >= input.skip {
+                if !sink.accept(columns.sample(r, row, limits)).await {
+                    return Ok(row);
+                }
+            }
+            row += 1;
+        }
+    }
+    Ok(row)
+}
+
+/// Parquet's async file reader over an object store: ranged GETs, the footer first.
+struct StoreFileReader {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+}
+
+/// Bytes fetched with the footer, so small files need one request for their metadata.
+const FOOTER_PREFETCH: usize = 64 << 10;
+
+impl AsyncFileReader for StoreFileReader {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        }
+        .boxed()
+    }
+
+    fn get_byte_ranges(&mut self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        async move {
+            self.store
+                .get_ranges(&self.path, &ranges)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        async move {
+            let size = self.size;
+            let metadata = ParquetMetaDataReader::new()
+                .with_prefetch_hint(Some(FOOTER_PREFETCH))
+                .load_and_finish(&mut *self, size)
+                .await?;
+            Ok(Arc::new(metadata))
+        }
+        .boxed()
+    }
+}
+
+/// The columns of one batch that make samples.
+struct Columns {
+    /// Binary image bytes (the struct's `bytes` child, or the column itself).
+    image: ArrayRef,
+    /// The struct's `path` child, if any.
+    path: Option<ArrayRef>,
+    label: Option<Result<ArrayRef, String>>,
+    key: Option<ArrayRef>,
+}
+
+impl Columns {
+    fn of(batch: &RecordBatch, cfg: &ParquetInputConfig) -> Result<Columns, ShardError> {
+        let image_col = batch.column_by_name(&cfg.image_column).expect("projected").clone();
+        let (image, path) = match image_col.data_type() {
+            DataType::Struct(_) => {
+                let s = image_col.as_struct();
+                let bytes = s.column_by_name("bytes").cloned().ok_or_else(|| {
+                    ShardError::Layout(format!("struct column `{}` has no `bytes` field", cfg.image_column))
+                })?;
+                (bytes, s.column_by_name("path").cloned())
+            }
+            _ => (image_col, None),
+        };
+        let image = arrow_cast::cast(&image, &DataType::LargeBinary)
+            .map_err(|e| ShardError::Layout(format!("column `{}` does not hold image bytes: {e}", cfg.image_column)))?;
+        let path = path.and_then(|p| arrow_cast::cast(&p, &DataType::LargeUtf8).ok());
+        let label = batch
+            .column_by_name(&cfg.label_column)
+            .filter(|_| !cfg.label_column.is_empty())
+            .map(|l| {
+                arrow_cast::cast(l, &DataType::Int64)
+                    .map_err(|e| format!("label column `{}` is not integer: {e}", cfg.label_column))
+            });
+        let key = batch
+            .column_by_name(&cfg.key_column)
+            .filter(|_| !cfg.key_column.is_empty())
+            .and_then(|k| arrow_cast::cast(k, &DataType::LargeUtf8).ok());
+        Ok(Columns {
+            image,
+            path,
+            label,
+            key,
+        })
+    }
+
+    fn sample(&self, r: usize, row: u64, limits: ReadLimits) -> Sample {
+        let text = |a: &Option<ArrayRef>| {
+            a.as_ref()
+                .filter(|a| a.is_valid(r))
+                .map(|a| a.as_string::<i64>().value(r).to_string())
+                .filter(|s| !s.is_empty())
+        };
+        // Key: the key column, else the image's path without extension, else the row.
+        let key = text(&self.key)
+            .or_else(|| text(&self.path).map(|p| p.rsplit_once('.').map_or(p.clone(), |(k, _)| k.to_string())))
+            .unwrap_or_else(|| format!("{row:09}"));
+        let mut defect = None;
+        let image = if self.image.is_valid(r) {
+            let bytes = self.image.as_binary::<i64>().value(r);
+            if bytes.len() as u64 > limits.max_member_bytes {
+                defect = Some(Defect::new(
+                    Status::TooLarge,
+                    format!(
+                        "image is {} bytes, over limits.max_member_bytes ({})",
+                        bytes.len(),
+                        limits.max_member_bytes
+                    ),
+                ));
+                None
+            } else {
+                Some(Bytes::copy_from_slice(bytes))
+            }
+        } else {
+            defect = Some(Defect::new(Status::NoImage, "the image cell is null"));
+            None
+        };
+        let label = match &self.label {
+            None => None,
+            Some(Err(message)) => {
+                defect.get_or_insert_with(|| Defect::new(Status::BadLabel, message.clone()));
+                None
+            }
+            Some(Ok(l)) => l
+                .is_valid(r)
+                .then(|| l.as_primitive::<arrow_array::types::Int64Type>().value(r)),
+        };
+        Sample {
+            key,
+            image,
+            label,
+            defect,
+        }
+    }
+}
