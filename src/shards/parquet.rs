@@ -67,10 +67,8 @@ pub async fn read_shard<S: SampleSink>(
         })?;
         let columns = Columns::of(&batch, cfg)?;
         for r in 0..batch.num_rows() {
-            if row >= input.skip {
-                if !sink.accept(columns.sample(r, row, limits)).await {
-                    return Ok(row);
-                }
+            if row >= input.skip && !sink.accept(columns.sample(r, row, limits)).await {
+                return Ok(row);
             }
             row += 1;
         }
