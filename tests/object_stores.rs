@@ -121,7 +121,8 @@ fn s3_input_and_output_commit_once_and_keep_secrets() {
         text(&plan)
     );
 
-    // The server honours PutMode::Create: a second commit of a shard loses.
+    // The server honours PutMode::Create: another run's commit of the shard loses; the
+    // same run committing again (a retried request) finds its own marker.
     let out = Location {
         store: store.clone(),
         prefix: StorePath::from("race"),
@@ -143,9 +144,22 @@ fn s3_input_and_output_commit_once_and_keep_secrets() {
         block_on(commit::commit(&out, &marker)).unwrap(),
         CommitResult::Committed
     );
+    let other = CommitMarker {
+        run_id: "r2".into(),
+        ..marker.clone()
+    };
+    assert_eq!(
+        block_on(commit::commit(&out, &other)).unwrap(),
+        CommitResult::AlreadyCommitted
+    );
     assert_eq!(
         block_on(commit::commit(&out, &marker)).unwrap(),
-        CommitResult::AlreadyCommitted
+        CommitResult::Committed
+    );
+    assert_eq!(
+        block_on(commit::read_marker(&out, "s")).unwrap().run_id,
+        "r1",
+        "the first commit stands"
     );
 
     // A wrong secret fails with a clear error that does not echo credentials.
