@@ -349,6 +349,10 @@ pub struct RuntimeConfig {
     pub torch_threads: usize,
     #[serde(default)]
     pub seed: u64,
+    /// Workers sharing the job, when the scheduler does not say (Kubernetes Indexed Jobs,
+    /// AWS Batch); flags and scheduler variables must agree with it.
+    #[serde(default)]
+    pub worker_count: Option<usize>,
 }
 
 impl Default for RuntimeConfig {
@@ -363,6 +367,7 @@ impl Default for RuntimeConfig {
             decode_threads: 0,
             torch_threads: 0,
             seed: 0,
+            worker_count: None,
         }
     }
 }

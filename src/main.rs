@@ -9,7 +9,7 @@ use dtta::config::PipelineConfig;
 use dtta::model::device::{self, DeviceSpec};
 use dtta::model::Bundle;
 use dtta::pipeline::{self, ProgressMode, RunReport};
-use dtta::sink::{commit, Tally};
+use dtta::sink::summary;
 use dtta::storage::{self, StoreOptions};
 use dtta::worker::Worker;
 
@@ -57,8 +57,11 @@ struct PipelineArgs {
     /// Override a config key, e.g. --set runtime.device=cpu (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// This worker's index (else from the scheduler: JOB_COMPLETION_INDEX,
+    /// SLURM_ARRAY_TASK_ID, AWS_BATCH_JOB_ARRAY_INDEX, BATCH_TASK_INDEX).
     #[arg(long, env = "DTTA_WORKER_INDEX")]
     worker_index: Option<usize>,
+    /// Number of workers (else SLURM_ARRAY_TASK_COUNT, BATCH_TASK_COUNT or runtime.worker_count).
     #[arg(long, env = "DTTA_WORKER_COUNT")]
     worker_count: Option<usize>,
 }
@@ -66,7 +69,8 @@ struct PipelineArgs {
 impl PipelineArgs {
     fn load(&self) -> Result<(PipelineConfig, Worker), String> {
         let config = PipelineConfig::load(&self.pipeline, &self.overrides).map_err(|e| e.to_string())?;
-        let worker = Worker::from_flags(self.worker_index, self.worker_count).map_err(|e| e.to_string())?;
+        let worker = Worker::detect(self.worker_index, self.worker_count, config.runtime.worker_count)
+            .map_err(|e| e.to_string())?;
         Ok((config, worker))
     }
 }
@@ -171,7 +175,7 @@ fn print_report(r: &RunReport) {
             t.labelled
         );
     }
-    let predicted = t.rows - t.not_ok() + t.statuses.get("diverged").copied().unwrap_or(0);
+    let predicted = t.predicted();
     if predicted > 0 {
         println!(
             "  compute:  {:.2} ms/image in the method, adapt stage busy {:.0}% of the run",
@@ -314,36 +318,50 @@ async fn cmd_summarize(output_url: &str) -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(&e.to_string(), 1),
     };
-    let markers = match commit::read_markers(&out).await {
-        Ok(m) => m,
+    let summary = match summary::summarize(&out).await {
+        Ok(s) => s,
         Err(e) => return fail(&e.to_string(), 1),
     };
-    let mut by_method: std::collections::BTreeMap<String, (usize, Tally)> = Default::default();
-    for marker in markers.values() {
-        let entry = by_method.entry(marker.method.clone()).or_default();
-        entry.0 += 1;
-        entry.1.merge(&marker.tally);
-    }
-    println!("{}: {} committed shard(s)", out.display, markers.len());
     println!(
-        "{:<24} {:>7} {:>9} {:>9} {:>10} {:>10} {:>10}",
-        "method", "shards", "rows", "not ok", "labelled", "top-1", "ms/image"
+        "{}: {} committed shard(s) from {} run(s)",
+        out.display, summary.committed_shards, summary.runs
     );
-    for (method, (shards, t)) in &by_method {
-        let predicted = t.rows - t.not_ok()
-            + t.statuses.get("bad_label").copied().unwrap_or(0)
-            + t.statuses.get("missing_label").copied().unwrap_or(0);
+    println!(
+        "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10} {:>10}",
+        "method",
+        "worker",
+        "shards",
+        "rows",
+        "not ok",
+        "labelled",
+        "top-1 before",
+        "top-1 after",
+        "ms/image",
+        "images/s"
+    );
+    for r in &summary.rows {
         println!(
-            "{:<22} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10.2}",
-            method,
-            shards,
-            t.rows,
-            t.not_ok(),
-            t.labelled,
-            percent(t.accuracy_before()),
-            percent(t.accuracy_after()),
-            t.adapt_ms / predicted.max(1) as f64
+            "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10.2} {:>10}",
+            r.method,
+            r.worker.map_or("all".to_string(), |w| w.to_string()),
+            r.shards,
+            r.tally.rows,
+            r.tally.not_ok(),
+            r.tally.labelled,
+            percent(r.tally.accuracy_before()),
+            percent(r.tally.accuracy_after()),
+            r.ms_per_image(),
+            r.images_per_s.map_or("n/a".to_string(), |v| format!("{v:.1}"))
         );
     }
-    ExitCode::SUCCESS
+    for (shard, error) in &summary.failed_shards {
+        println!("failed (not committed): {shard}: {error}");
+    }
+    match summary::write(&out, &summary).await {
+        Ok((json, parquet)) => {
+            println!("written: {json}, {parquet}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string(), 1),
+    }
 }

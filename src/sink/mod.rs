@@ -11,6 +11,7 @@
 pub mod commit;
 pub mod predictions;
 pub mod steps;
+pub mod summary;
 
 use std::collections::BTreeMap;
 
@@ -85,6 +86,14 @@ impl Tally {
 
     pub fn accuracy_before(&self) -> Option<f64> {
         (self.labelled > 0).then(|| self.correct_before as f64 / self.labelled as f64)
+    }
+
+    /// Rows that got a prediction (ok, label problems, diverged with the source kept).
+    pub fn predicted(&self) -> u64 {
+        ["ok", "bad_label", "missing_label", "diverged"]
+            .iter()
+            .map(|s| self.statuses.get(*s).copied().unwrap_or(0))
+            .sum()
     }
 
     /// Rows whose status is not `ok`.
