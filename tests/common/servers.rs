@@ -196,7 +196,13 @@ impl Azurite {
         vec![
             ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
             ("AZURITE_BLOB_STORAGE_URL", self.server.endpoint()),
+            ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.into()),
         ]
+    }
+
+    /// The account key dtta is given (Azurite's well-known one).
+    pub fn account_key(&self) -> &'static str {
+        AZURITE_KEY
     }
 
     /// Creates a container with a SharedKey-signed REST call (object_store cannot).
