@@ -172,6 +172,11 @@ pub struct TtaConfig {
     pub adapt_topk: usize,
     pub mode: Mode,
     pub precision: Precision,
+    /// Run the `accum * samples_per_step` pairs of a step as one batch, the classifier
+    /// once per step (same gradient as the reference's `accum` iterations, fewer passes).
+    pub fuse_accum: bool,
+    /// Largest denoiser batch when fusing; bounds device memory.
+    pub max_batch: usize,
     pub tent: TentConfig,
     pub diffusion_classifier: DiffusionClassifierConfig,
 }
@@ -195,6 +200,8 @@ impl Default for TtaConfig {
             adapt_topk: 0,
             mode: Mode::Episodic,
             precision: Precision::Fp32,
+            fuse_accum: true,
+            max_batch: 256,
             tent: TentConfig::default(),
             diffusion_classifier: DiffusionClassifierConfig::default(),
         }
@@ -499,6 +506,7 @@ impl PipelineConfig {
         positive("tta.steps", self.tta.steps)?;
         positive("tta.accum", self.tta.accum)?;
         positive("tta.samples_per_step", self.tta.samples_per_step)?;
+        positive("tta.max_batch", self.tta.max_batch)?;
         positive(
             "tta.diffusion_classifier.samples",
             self.tta.diffusion_classifier.samples,

@@ -86,9 +86,11 @@ fn check_parity(bundle_dir: &Path, cfg: TtaConfig, ref_args: &[&str]) {
         Tensor::read_safetensors(&out).unwrap().into_iter().collect();
 
     let bundle = load(bundle_dir);
-    // Online mode: the adapted weights stay in place after the image, to be compared.
+    // Online mode: the adapted weights stay in place after the image, to be compared;
+    // `accum` separate iterations, as the reference runs them.
     let cfg = TtaConfig {
         mode: Mode::Online,
+        fuse_accum: false,
         ..cfg
     };
     let mut engine = engine(&bundle, &cfg).with_noise(Box::new(ReplayNoise {
@@ -171,6 +173,42 @@ fn matches_the_reference_loop_adamw_l1_topk_text_embeddings() {
             "2",
         ],
     );
+}
+
+#[test]
+fn fused_steps_give_the_gradient_of_separate_iterations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = load(&tiny_bundle(tmp.path(), false));
+    // Fixed draws for 3 steps x 4 iterations x 3 pairs, replayed by both engines.
+    tch::manual_seed(5);
+    let t = Tensor::randint(1000, [12, 3], (Kind::Int64, Device::Cpu));
+    let eps = Tensor::randn([12, 3, 2, 4, 4], (Kind::Float, Device::Cpu));
+    let (x, g) = image(9);
+    let run = |fuse: bool| {
+        let cfg = TtaConfig {
+            mode: Mode::Online,
+            fuse_accum: fuse,
+            max_batch: 5, // 12 pairs per step: chunks of 5, 5, 2
+            ..knobs(3, 4, 3)
+        };
+        let mut e = engine(&bundle, &cfg).with_noise(Box::new(ReplayNoise {
+            t: t.shallow_clone(),
+            eps: eps.shallow_clone(),
+        }));
+        let r = e.adapt("k", &x, &g).unwrap();
+        let weights: Vec<Vec<f32>> = e.adapted_parameters().tensors.iter().map(floats).collect();
+        (r.steps.iter().map(|s| s.loss).collect::<Vec<_>>(), weights)
+    };
+    let (fused_losses, fused) = run(true);
+    let (plain_losses, plain) = run(false);
+    assert!(
+        max_rel(&fused_losses, &plain_losses) < 1e-5,
+        "{fused_losses:?} vs {plain_losses:?}"
+    );
+    for (a, b) in fused.iter().zip(&plain) {
+        assert!(max_rel(a, b) < 1e-4, "weights differ by {:e}", max_rel(a, b));
+    }
+    assert!(fused.iter().zip(&plain).any(|(a, _)| a.iter().any(|v| *v != 0.0)));
 }
 
 fn snapshot(e: &DiffusionTta) -> Vec<(String, Tensor)> {

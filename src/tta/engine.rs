@@ -33,6 +33,9 @@ pub struct Knobs {
     pub mode: Mode,
     pub topk: usize,
     pub precision: Precision,
+    /// Run a step's pairs as one batch (chunks of `max_batch`) instead of `accum` iterations.
+    pub fuse: bool,
+    pub max_batch: usize,
 }
 
 impl Knobs {
@@ -46,6 +49,8 @@ impl Knobs {
             mode: cfg.mode,
             topk: cfg.topk,
             precision: cfg.precision,
+            fuse: cfg.fuse_accum,
+            max_batch: cfg.max_batch,
         }
     }
 }
@@ -55,7 +60,8 @@ impl Knobs {
 pub struct Adapted {
     pub before: Prediction,
     pub after: Prediction,
-    /// Loss of every iteration (already divided by `accum`), in order.
+    /// Loss of every iteration (already divided by `accum`), in order; with `fuse`, one
+    /// per step.
     pub iteration_losses: Vec<f32>,
     pub steps: Vec<StepRecord>,
     /// Why adaptation stopped early, if it diverged.
@@ -144,7 +150,6 @@ impl DiffusionTta {
         let started = Instant::now();
         let device = self.classifier.device;
         let k = self.knobs.clone();
-        let n = k.samples as i64;
         let x = self.classifier.batch_from(&[pixels]);
         let view = &self.diffusion.view;
         let side = view.resolution as i64;
@@ -171,34 +176,55 @@ impl DiffusionTta {
         let mut diverged = None;
         for step in 0..k.steps {
             let mut step_loss = Tensor::zeros([], (Kind::Float, device));
-            let mut logits_seen = None;
-            for a in 0..k.accum {
-                let (t, eps) = self.noise.draw(step * k.accum + a, k.samples, &latent, device);
-                let z_t = add_noise(&self.diffusion.alphas_cumprod, &z0, &t, &eps);
-                let (loss, logits) = self.autocast(|| -> Result<(Tensor, Tensor), tch::TchError> {
-                    let logits = self.classifier.logits(&x)?;
-                    let chosen = match &classes {
-                        Some(idx) => logits.index_select(1, idx),
-                        None => logits.shallow_clone(),
-                    };
-                    let p = chosen.to_kind(Kind::Float).softmax(-1, Kind::Float);
-                    let cond = self.diffusion.condition(&p, classes.as_ref());
-                    let mut shape = cond.size();
-                    shape[0] = n;
-                    let cond = cond.expand(shape.as_slice(), false);
-                    let eps_hat = self.diffusion.predict_noise(&z_t, &t, &cond)?.to_kind(Kind::Float);
-                    let diff = eps_hat - &eps;
-                    let loss = match k.loss {
-                        Loss::Mse => diff.square().mean(Kind::Float),
-                        Loss::L1 => diff.abs().mean(Kind::Float),
-                    } / k.accum as f64;
-                    Ok((loss, logits))
-                })?;
-                loss.backward();
-                let loss = loss.detach();
-                step_loss += &loss;
-                iteration_losses.push(loss);
-                logits_seen = Some(logits.detach());
+            let logits_seen;
+            if k.fuse {
+                // The step's (t, eps) pairs as one batch: the classifier's output does not
+                // change within a step, so it runs once; the denoiser runs in chunks of at
+                // most `max_batch` pairs against a detached condition whose gradient is then
+                // pushed through the classifier once. Same gradient as `accum` iterations.
+                let draws: Vec<(Tensor, Tensor)> = (0..k.accum)
+                    .map(|a| self.noise.draw(step * k.accum + a, k.samples, &latent, device))
+                    .collect();
+                let t = Tensor::cat(&draws.iter().map(|d| d.0.shallow_clone()).collect::<Vec<_>>(), 0);
+                let eps = Tensor::cat(&draws.iter().map(|d| d.1.shallow_clone()).collect::<Vec<_>>(), 0);
+                let total = t.size()[0];
+                let (logits, cond) = self.autocast(|| self.condition_of(&x, classes.as_ref()))?;
+                let leaf = cond.detach().set_requires_grad(true);
+                let mut start = 0;
+                while start < total {
+                    let len = (k.max_batch as i64).min(total - start);
+                    let loss = self.autocast(|| {
+                        self.noise_loss(
+                            &z0,
+                            &t.narrow(0, start, len),
+                            &eps.narrow(0, start, len),
+                            &leaf,
+                            len as f64 / total as f64,
+                        )
+                    })?;
+                    loss.backward();
+                    step_loss += loss.detach();
+                    start += len;
+                }
+                (&cond * leaf.grad()).sum(Kind::Float).backward();
+                iteration_losses.push(step_loss.shallow_clone());
+                logits_seen = logits.detach();
+            } else {
+                let mut last = None;
+                for a in 0..k.accum {
+                    let (t, eps) = self.noise.draw(step * k.accum + a, k.samples, &latent, device);
+                    let (loss, logits) = self.autocast(|| -> Result<(Tensor, Tensor), tch::TchError> {
+                        // The reference loop: the classifier re-runs every iteration.
+                        let (logits, cond) = self.condition_of(&x, classes.as_ref())?;
+                        Ok((self.noise_loss(&z0, &t, &eps, &cond, 1.0 / k.accum as f64)?, logits))
+                    })?;
+                    loss.backward();
+                    let loss = loss.detach();
+                    step_loss += &loss;
+                    iteration_losses.push(loss);
+                    last = Some(logits.detach());
+                }
+                logits_seen = last.expect("accum >= 1");
             }
             let loss_value = f64::try_from(&step_loss)?; // the one sync per step
             if !loss_value.is_finite() {
@@ -210,10 +236,7 @@ impl DiffusionTta {
             let grad_norm = self.params.grad_norm();
             self.optimizer.step(&self.params.tensors);
             self.params.zero_grad();
-            let probs = logits_seen
-                .expect("accum >= 1")
-                .to_kind(Kind::Float)
-                .softmax(-1, Kind::Float);
+            let probs = logits_seen.to_kind(Kind::Float).softmax(-1, Kind::Float);
             let (conf, pred) = probs.max_dim(-1, false);
             let entropy = -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float);
             step_metrics.push(Tensor::cat(
@@ -275,6 +298,41 @@ impl DiffusionTta {
             diverged,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// The classifier's logits for `x` and the condition `sum_k p_k E_k` they give,
+    /// `[1, D...]` (over `classes` when set), with gradients.
+    fn condition_of(&self, x: &Tensor, classes: Option<&Tensor>) -> Result<(Tensor, Tensor), tch::TchError> {
+        let logits = self.classifier.logits(x)?;
+        let chosen = match classes {
+            Some(idx) => logits.index_select(1, idx),
+            None => logits.shallow_clone(),
+        };
+        let p = chosen.to_kind(Kind::Float).softmax(-1, Kind::Float);
+        let cond = self.diffusion.condition(&p, classes);
+        Ok((logits, cond))
+    }
+
+    /// `weight` times the mean diffusion loss of the pairs `(t, eps)` with condition
+    /// `cond` (`[1, D...]`, broadcast to every pair).
+    fn noise_loss(
+        &self,
+        z0: &Tensor,
+        t: &Tensor,
+        eps: &Tensor,
+        cond: &Tensor,
+        weight: f64,
+    ) -> Result<Tensor, tch::TchError> {
+        let z_t = add_noise(&self.diffusion.alphas_cumprod, z0, t, eps);
+        let mut shape = cond.size();
+        shape[0] = t.size()[0];
+        let cond = cond.expand(shape.as_slice(), false);
+        let diff = self.diffusion.predict_noise(&z_t, t, &cond)?.to_kind(Kind::Float) - eps;
+        let loss = match self.knobs.loss {
+            Loss::Mse => diff.square().mean(Kind::Float),
+            Loss::L1 => diff.abs().mean(Kind::Float),
+        };
+        Ok(loss * weight)
     }
 
     /// Back to the weights and optimizer state from before the first image.
