@@ -162,16 +162,19 @@ fn image_folders_with_and_without_class_folders() {
         std::fs::write(dir.join(format!("{}.png", s.key)), &s.png).unwrap();
     }
     std::fs::write(root.join("README.txt"), "not an image").unwrap();
+    let run_folder = |p: &std::path::Path, setting: &str| {
+        run_dtta(&[
+            "run",
+            p.to_str().unwrap(),
+            "--set",
+            "input.format=folder",
+            "--set",
+            setting,
+        ])
+    };
     let out = tmp.path().join("out");
     let p = write_pipeline(tmp.path(), &format!("{}/", root.display()), &out.to_string_lossy(), "");
-    let o = run_dtta(&[
-        "run",
-        p.to_str().unwrap(),
-        "--set",
-        "input.format=folder",
-        "--set",
-        "input.folder.shard_size=25",
-    ]);
+    let o = run_folder(&p, "input.folder.shard_size=25");
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(committed_files(&out).len(), 4, "90 images in shards of 25");
     let rows = committed_rows(&out);
@@ -182,14 +185,7 @@ fn image_folders_with_and_without_class_folders() {
         let key = r.key.rsplit('/').next().unwrap();
         assert_eq!(r.label, Some(truth[key]), "{}", r.key);
     }
-    let again = run_dtta(&[
-        "run",
-        p.to_str().unwrap(),
-        "--set",
-        "input.format=folder",
-        "--set",
-        "input.folder.shard_size=25",
-    ]);
+    let again = run_folder(&p, "input.folder.shard_size=25");
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("4 skipped"),
         "{}",
@@ -203,14 +199,7 @@ fn image_folders_with_and_without_class_folders() {
         &out2.to_string_lossy(),
         "",
     );
-    let o = run_dtta(&[
-        "run",
-        p.to_str().unwrap(),
-        "--set",
-        "input.format=folder",
-        "--set",
-        "input.folder.labels=none",
-    ]);
+    let o = run_folder(&p, "input.folder.labels=none");
     assert!(o.status.success(), "{}", text(&o));
     let rows = committed_rows(&out2);
     assert!(!rows.is_empty() && rows.iter().all(|r| r.label.is_none() && r.status == "ok"));

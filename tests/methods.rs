@@ -4,12 +4,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow_array::{Array, Float32Array, Int32Array, Int64Array, StringArray};
 use common::*;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 fn tiny_bundle(dir: &Path) -> PathBuf {
     let out = dir.join("tiny");
@@ -42,56 +40,33 @@ type RowSummary = (Option<i64>, Option<i64>, Option<f32>, String);
 /// key -> summary of every committed predictions row.
 fn results(out: &Path) -> BTreeMap<String, RowSummary> {
     let mut map = BTreeMap::new();
-    for file in committed_files(out).values() {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(file).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let b = batch.unwrap();
-            let key = column::<StringArray>(&b, "key");
-            let status = column::<StringArray>(&b, "status");
-            let before = column::<Int64Array>(&b, "pred_before");
-            let after = column::<Int64Array>(&b, "pred_after");
-            let loss = column::<Float32Array>(&b, "loss_last");
-            for r in 0..b.num_rows() {
-                let opt_i = |a: &Int64Array| a.is_valid(r).then(|| a.value(r));
-                map.insert(
-                    key.value(r).to_string(),
-                    (
-                        opt_i(&before),
-                        opt_i(&after),
-                        loss.is_valid(r).then(|| loss.value(r)),
-                        status.value(r).to_string(),
-                    ),
-                );
-            }
+    for b in committed_batches(out, "predictions") {
+        let key = column::<StringArray>(&b, "key");
+        let status = column::<StringArray>(&b, "status");
+        let before = column::<Int64Array>(&b, "pred_before");
+        let after = column::<Int64Array>(&b, "pred_after");
+        let loss = column::<Float32Array>(&b, "loss_last");
+        for r in 0..b.num_rows() {
+            let opt_i = |a: &Int64Array| a.is_valid(r).then(|| a.value(r));
+            let summary = (
+                opt_i(&before),
+                opt_i(&after),
+                loss.is_valid(r).then(|| loss.value(r)),
+                status.value(r).to_string(),
+            );
+            map.insert(key.value(r).to_string(), summary);
         }
     }
     map
 }
 
+/// (key, step) of every committed steps row, sorted.
 fn steps_rows(out: &Path) -> Vec<(String, i32)> {
     let mut rows = Vec::new();
-    for entry in std::fs::read_dir(out.join("_commits")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
-        let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        let file = out.join(marker["steps"].as_str().unwrap());
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(file).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let b = batch.unwrap();
-            let key = column::<StringArray>(&b, "key");
-            let step = column::<Int32Array>(&b, "step");
-            for r in 0..b.num_rows() {
-                rows.push((key.value(r).to_string(), step.value(r)));
-            }
-        }
+    for b in committed_batches(out, "steps") {
+        let key = column::<StringArray>(&b, "key");
+        let step = column::<Int32Array>(&b, "step");
+        rows.extend((0..b.num_rows()).map(|r| (key.value(r).to_string(), step.value(r))));
     }
     rows.sort();
     rows

@@ -1,6 +1,6 @@
 """Trains the demo diffusion model and adds it to the demo bundle.
 
-Usage: python tools/train_demo_diffusion.py BUNDLE_DIR [--iters 3000] [--seed 0]
+Usage: python tools/train_demo_diffusion.py BUNDLE_DIR [--iters 4000] [--seed 0]
 
 A small class-conditional DiT in pixel space (ALGORITHM.md, "Demo models"): 32x32
 grayscale, patch 4, adaLN-Zero blocks, a learned label-embedding table. Its conditioning
@@ -126,7 +126,7 @@ steps = 1000
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("bundle_dir")
-    parser.add_argument("--iters", type=int, default=3000)
+    parser.add_argument("--iters", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

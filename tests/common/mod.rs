@@ -169,8 +169,27 @@ pub fn read_parquet(path: &Path) -> Vec<Row> {
     rows
 }
 
+/// Record batches of `table` (`predictions` or `steps`) of every committed shard.
+pub fn committed_batches(out: &Path, table: &str) -> Vec<arrow_array::RecordBatch> {
+    committed_table_files(out, table)
+        .values()
+        .flat_map(|path| {
+            ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap())
+        })
+        .collect()
+}
+
 /// Shard id -> predictions file named by its commit marker.
 pub fn committed_files(out: &Path) -> BTreeMap<String, PathBuf> {
+    committed_table_files(out, "predictions")
+}
+
+/// Shard id -> the file of `table` named by its commit marker.
+pub fn committed_table_files(out: &Path, table: &str) -> BTreeMap<String, PathBuf> {
     let mut files = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir(out.join("_commits")) else {
         return files;
@@ -183,7 +202,7 @@ pub fn committed_files(out: &Path) -> BTreeMap<String, PathBuf> {
         }
         let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let shard = marker["shard"].as_str().unwrap().to_string();
-        files.insert(shard, out.join(marker["predictions"].as_str().unwrap()));
+        files.insert(shard, out.join(marker[table].as_str().unwrap()));
     }
     files
 }
