@@ -10,9 +10,42 @@ iteration in eval mode, the loss is the mean MSE divided by accum, the optimizer
 (torch.optim) steps every accum iterations. It draws the image, the timesteps and the
 noise itself and saves them with the per-iteration losses and the final adapted
 parameters, so another implementation can replay the same draws and compare.
+
+Images mode (a benchmark baseline; OUT.safetensors is not used):
+
+       python tools/reference_tta.py BUNDLE_DIR --images DIR_OR_TAR [--json OUT.json]
+       [--device cpu|cuda] [--precision fp32|bf16 | --bf16] [--threads N] [--warmup 1]
+       [--steps 5] [--accum 12] [--samples-per-step 15] [--lr 5e-3] [--momentum 0.9]
+       [--weight-decay 0] [--optimizer sgd|adamw] [--adapt classifier+diffusion]
+       [--loss mse] [--adapt-topk 0] [--timesteps uniform|stratified] [--same-noise]
+       [--mode episodic|online] [--seed 0]
+
+runs the published per-image loop over real images: JPEG/PNG/WebP files below a folder
+(sorted by path; key = path without extension) or the samples of a WebDataset tar (key +
+image member, label from `.cls`). Each image is preprocessed with PIL as dtta does it
+(src/image/preprocess.rs): the torchvision resize-shorter-side + center-crop window,
+resampled bilinearly (PIL's antialiasing) straight to the crop size and normalised; the
+diffusion view is the same window at the bundle's resolution in [-1, 1] (PNG input gives
+both sides the same pixels; JPEG decoders differ slightly, and dtta may decode a large
+JPEG at a reduced DCT scale). Per image: the
+encoder once, then steps*accum iterations (classifier re-run every iteration, loss/accum,
+optimizer step every accum iterations), the prediction after, then (episodic) every
+adapted parameter is restored and the optimizer is made anew. The knobs are dtta's
+`[tta]` keys with dtta's defaults; the (t, eps) draws come from torch's generator seeded
+per image exactly as dtta's SeededNoise does (seed, key), so both see the same draws.
+`--bf16` is CUDA autocast to bfloat16 around the forward passes, as tta.precision =
+"bf16" (an error on the CPU, as in dtta). Seconds per image cover the device copy of the
+views through the prediction after (what dtta's adapt_ms covers), with a device sync at
+both ends; model loading and the first `--warmup` images are excluded from the mean.
 """
 import argparse
+import contextlib
+import io
+import json
+import math
 import os
+import tarfile
+import time
 import tomllib
 
 import torch
@@ -22,19 +55,47 @@ from safetensors.torch import load_file, save_file
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
-    ap.add_argument("out")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--accum", type=int, default=2)
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("out", nargs="?", help="OUT.safetensors (parity mode; not with --images)")
+    # Defaults: the parity tests' values here, dtta's [tta] defaults with --images.
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--accum", type=int)
+    ap.add_argument("--samples", "--samples-per-step", dest="samples", type=int)
+    ap.add_argument("--lr", type=float)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--optimizer", default="sgd")
-    ap.add_argument("--adapt", default="classifier+diffusion")
-    ap.add_argument("--loss", default="mse")
+    ap.add_argument("--optimizer", default="sgd", help="sgd | adamw")
+    ap.add_argument("--adapt", default="classifier+diffusion", help="classifier+diffusion | classifier | norm")
+    ap.add_argument("--loss", default="mse", help="mse | l1")
     ap.add_argument("--adapt-topk", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    images = ap.add_argument_group("images mode")
+    images.add_argument("--images", help="folder of JPEG/PNG/WebP files, or a WebDataset .tar")
+    images.add_argument("--json", help="write per-image results and timings here")
+    images.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    images.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    images.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
+    images.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    images.add_argument("--warmup", type=int, default=1, help="leading images left out of the mean time")
+    images.add_argument("--timesteps", choices=["uniform", "stratified"], default="uniform")
+    images.add_argument("--same-noise", action="store_true")
+    images.add_argument("--mode", choices=["episodic", "online"], default="episodic")
     args = ap.parse_args()
+    if args.images:
+        for name, allowed in (("optimizer", ("sgd", "adamw")), ("loss", ("mse", "l1")),
+                              ("adapt", ("classifier+diffusion", "classifier", "norm"))):
+            if getattr(args, name) not in allowed:
+                ap.error(f"--{name} must be one of {', '.join(allowed)}")
+        if args.out:
+            ap.error("OUT.safetensors is for the parity mode; with --images use --json")
+        for name, value in (("steps", 5), ("accum", 12), ("samples", 15), ("lr", 5e-3)):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        return run_images(args)
+    if args.out is None:
+        ap.error("OUT.safetensors is required (or --images DIR_OR_TAR)")
+    for name, value in (("steps", 3), ("accum", 2), ("samples", 4), ("lr", 0.05)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 
@@ -114,6 +175,250 @@ def main():
         out["param." + name] = p.detach().contiguous()
     save_file(out, args.out)
     print(f"reference: {iters} iterations, final loss {losses[-1].item():.6f}, {len(params)} adapted tensors")
+
+
+# ----------------------------------------------------------------------------------------
+# Images mode: the published loop over real images, timed (a benchmark baseline).
+# ----------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def image_seed(seed, key):
+    """dtta's per-image torch seed (src/tta/schedule.rs image_seed): FNV-1a over the key."""
+    mask = (1 << 64) - 1
+    h = 0xCBF29CE484222325 ^ ((seed * 0x9E3779B97F4A7C15) & mask)
+    for b in key.encode():
+        h ^= b
+        h = (h * 0x100000001B3) & mask
+    return h >> 1
+
+
+def read_images(path):
+    """[(key, label or None, encoded bytes)] from a folder or a WebDataset tar, in order."""
+    samples = []
+    if os.path.isdir(path):
+        files = []
+        for root, _, names in os.walk(path):
+            files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+        for f in sorted(files, key=lambda f: os.path.relpath(f, path)):
+            rel = os.path.relpath(f, path).replace(os.sep, "/")
+            samples.append((rel.rsplit(".", 1)[0], None, open(f, "rb").read()))
+        return samples
+    groups = {}
+    order = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            d, _, base = m.name.rpartition("/")
+            if "." not in base or base.startswith("."):
+                continue
+            stem, ext = base.split(".", 1)
+            key = f"{d}/{stem}" if d else stem
+            if key not in groups:
+                groups[key] = {}
+                order.append(key)
+            groups[key][ext.lower()] = tar.extractfile(m).read()
+    for key in order:
+        g = groups[key]
+        image = next((g[e] for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
+        if image is None:
+            continue
+        label = int(g["cls"].decode().strip()) if "cls" in g else None
+        samples.append((key, label, image))
+    return samples
+
+
+def crop_window(width, height, resize, crop):
+    """The source rectangle (left, top, w, h) that torchvision's Resize(resize) +
+    CenterCrop(crop) keeps (ClassifierView::crop_window)."""
+    w, h, r = float(width), float(height), float(resize)
+    new_w, new_h = (r, math.trunc(r * h / w)) if width <= height else (math.trunc(r * w / h), r)
+    left, top = round((new_w - crop) / 2.0), round((new_h - crop) / 2.0)  # ties to even
+    sx, sy = w / new_w, h / new_h
+    return left * sx, top * sy, crop * sx, crop * sy
+
+
+def views(data, pre, diff):
+    """(classifier view [1,C,crop,crop], diffusion view [1,C,res,res] in [-1,1]) as dtta builds them."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    rgb = pre["channels"] == 3 or (diff is not None and diff["channels"] == 3)
+    img = img.convert("RGB" if rgb else "L")
+    l, t, w, h = crop_window(img.width, img.height, pre["resize"], pre["crop"])
+
+    def window(side, channels):
+        whole = (l, t, w, h) == (0, 0, img.width, img.height) and img.width == side and img.height == side
+        out = img if whole else img.resize((side, side), Image.BILINEAR, box=(l, t, l + w, t + h))
+        a = np.asarray(out, dtype=np.uint8)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if channels == 1 and a.shape[2] == 3:  # ITU-R 601 luma, as dtta converts
+            a = ((a[:, :, 0].astype(np.uint32) * 299 + a[:, :, 1] * 587 + a[:, :, 2] * 114 + 500) // 1000)
+            a = a.astype(np.uint8)[:, :, None]
+        elif channels == 3 and a.shape[2] == 1:
+            a = np.repeat(a, 3, axis=2)
+        return torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32)).unsqueeze(0)
+
+    x = window(pre["crop"], pre["channels"])
+    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    x_cls = x * (1.0 / (255.0 * std)) - mean / std
+    x_gen = window(diff["resolution"], diff["channels"]) * (2.0 / 255.0) - 1.0 if diff is not None else None
+    return x_cls.contiguous(), x_gen.contiguous() if x_gen is not None else None
+
+
+def alphas_cumprod(sched, device):
+    if sched["kind"] == "scaled_linear":
+        betas = torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, sched["steps"],
+                               dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(sched["beta_start"], sched["beta_end"], sched["steps"], dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float().to(device)
+
+
+def draw(n, shape, num_timesteps, timesteps, same_noise, device):
+    """One iteration's (t, eps), in SeededNoise::draw's order of generator calls."""
+    if timesteps == "uniform":
+        t = torch.randint(num_timesteps, (n,), dtype=torch.int64, device=device)
+    else:
+        stride = num_timesteps / n
+        offset = torch.rand(1, dtype=torch.float64, device=device) * stride
+        t = (torch.arange(n, dtype=torch.float64, device=device) * stride + offset).floor()
+        t = t.clamp(0, num_timesteps - 1).to(torch.int64)
+    if same_noise:
+        eps = torch.randn(1, *shape, device=device).expand(n, *shape).contiguous()
+    else:
+        eps = torch.randn(n, *shape, device=device)
+    return t, eps
+
+
+def run_images(args):
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.precision == "bf16" and device.type != "cuda":
+        raise SystemExit('reference_tta: --bf16 is CUDA autocast, but the device is cpu (as tta.precision = "bf16" in dtta)')
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.precision == "bf16" \
+        else contextlib.nullcontext
+
+    loaded = time.perf_counter()
+    spec = tomllib.load(open(os.path.join(args.bundle, "bundle.toml"), "rb"))
+    cls_spec, diff = spec["classifier"], spec.get("diffusion")
+    if diff is None:
+        raise SystemExit("reference_tta: the bundle has no [diffusion] section")
+    pre = cls_spec["preprocess"]
+    classifier = torch.jit.load(os.path.join(args.bundle, cls_spec.get("file", "classifier.pt")), map_location=device).eval()
+    denoiser = torch.jit.load(os.path.join(args.bundle, diff["denoiser"]), map_location=device).eval()
+    encoder = (torch.jit.load(os.path.join(args.bundle, diff["encoder"]), map_location=device).eval()
+               if diff.get("encoder") else None)
+    E = load_file(os.path.join(args.bundle, diff["class_embeddings"]))[diff.get("embeddings_tensor", "embeddings")]
+    E = E.float().to(device)
+    abar = alphas_cumprod(diff["schedule"], device)
+    num_timesteps = diff["schedule"]["steps"]
+    latent_scale = diff.get("latent_scale", 1.0)
+
+    head, norm = set(cls_spec.get("head", [])), set(cls_spec.get("norm", []))
+    tensors = []
+    for name, p in classifier.named_parameters():
+        chosen = name not in head and (args.adapt != "norm" or name in norm)
+        p.requires_grad_(chosen)
+        if chosen:
+            tensors.append(p)
+    for _, p in denoiser.named_parameters():
+        chosen = args.adapt == "classifier+diffusion"
+        p.requires_grad_(chosen)
+        if chosen:
+            tensors.append(p)
+    originals = [p.detach().clone() for p in tensors]
+
+    def new_optimizer():
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(tensors, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(tensors, lr=args.lr, weight_decay=args.weight_decay)
+
+    samples = read_images(args.images)
+    if not samples:
+        raise SystemExit(f"reference_tta: no images in {args.images}")
+    sync()
+    load_s = time.perf_counter() - loaded
+    iters, n = args.steps * args.accum, args.samples
+    opt = new_optimizer()
+    results = []
+    for key, label, data in samples:
+        x_host, g_host = views(data, pre, diff)
+        sync()
+        started = time.perf_counter()
+        x = x_host.to(device)
+        x_gen = g_host.to(device)
+        with torch.no_grad(), autocast():
+            z0 = encoder(x_gen) * latent_scale if encoder is not None else x_gen.clone()
+            logits0 = classifier(x)
+        z0 = z0.float()
+        C = z0.shape[1]
+        topk = logits0.topk(min(args.adapt_topk, logits0.shape[1]), dim=-1).indices[0] if args.adapt_topk > 0 else None
+        torch.manual_seed(image_seed(args.seed, key))
+        if args.mode == "episodic":
+            opt = new_optimizer()
+        losses = []
+        opt.zero_grad()
+        for it in range(iters):
+            t, eps = draw(n, z0.shape[1:], num_timesteps, args.timesteps, args.same_noise, device)
+            with autocast():
+                logits = classifier(x)  # re-run every iteration, eval mode
+                chosen = logits[:, topk] if topk is not None else logits
+                p = chosen.float().softmax(-1)
+                e = E[topk] if topk is not None else E
+                c = (p @ e.reshape(e.shape[0], -1)).reshape(1, *e.shape[1:]).expand(n, *e.shape[1:])
+                a = abar[t].view(n, 1, 1, 1)
+                z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+                d = denoiser(z_t, t, c)[:, :C].float() - eps
+                loss = (d.pow(2).mean() if args.loss == "mse" else d.abs().mean()) / args.accum
+            loss.backward()
+            losses.append(loss.detach())
+            if (it + 1) % args.accum == 0:
+                opt.step()
+                opt.zero_grad()
+        with torch.no_grad(), autocast():
+            logits1 = classifier(x)
+        pred_before, pred_after = int(logits0.argmax(-1)[0]), int(logits1.argmax(-1)[0])
+        if args.mode == "episodic":  # every adapted parameter back; the optimizer is made anew
+            with torch.no_grad():
+                for p, o in zip(tensors, originals):
+                    p.copy_(o)
+        step_losses = torch.stack(losses).view(args.steps, args.accum).sum(1).cpu()
+        sync()
+        seconds = time.perf_counter() - started
+        results.append({
+            "key": key, "label": label, "pred_before": pred_before, "pred_after": pred_after,
+            "seconds": seconds, "step_losses": [float(v) for v in step_losses],
+            "nonfinite": not bool(torch.isfinite(step_losses).all()),
+        })
+        print(f"reference: {key}: {seconds:.3f}s, pred {pred_before} -> {pred_after}, "
+              f"loss {step_losses[0]:.5f} -> {step_losses[-1]:.5f}", flush=True)
+
+    timed = results[args.warmup:] or results
+    report = {
+        "bundle": args.bundle, "images": args.images, "device": str(device), "precision": args.precision,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "steps": args.steps, "accum": args.accum, "samples_per_step": n, "optimizer": args.optimizer,
+        "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay, "adapt": args.adapt,
+        "loss": args.loss, "adapt_topk": args.adapt_topk, "timesteps": args.timesteps,
+        "same_noise": args.same_noise, "mode": args.mode, "seed": args.seed,
+        "load_s": load_s, "warmup": [r["key"] for r in results[: len(results) - len(timed)]],
+        "seconds_per_image": sum(r["seconds"] for r in timed) / len(timed), "timed_images": len(timed),
+        "results": results,
+    }
+    print(f"reference: {len(results)} image(s) on {device} ({args.precision}), "
+          f"{report['seconds_per_image']:.3f} s/image over {len(timed)} (load {load_s:.1f}s)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
