@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::image::{Corruption, Variant};
+
 /// What went wrong while reading or checking a pipeline configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -40,6 +42,53 @@ pub struct PipelineConfig {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Robustness evaluation: expand every sample into corrupted variants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<CorruptConfig>,
+}
+
+/// `[corrupt]`: every input sample becomes one row per variant: `clean` (unless
+/// `clean = false`), then each kind at each severity, corrupted after decode
+/// (src/image/corrupt.rs). No corrupted copy of the data set is ever written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorruptConfig {
+    /// ImageNet-C corruption names; `["all"]` means all 15.
+    pub kinds: Vec<String>,
+    /// Severities in 1..=5.
+    pub severities: Vec<u8>,
+    /// Also emit the uncorrupted image (the `clean` variant).
+    #[serde(default = "yes")]
+    pub clean: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl CorruptConfig {
+    /// The parsed kinds, in config order (`all` expands to the ImageNet-C order).
+    pub fn corruptions(&self) -> Result<Vec<Corruption>, String> {
+        if self.kinds.iter().any(|k| k == "all") {
+            return Ok(Corruption::ALL.to_vec());
+        }
+        self.kinds.iter().map(|k| k.parse::<Corruption>()).collect()
+    }
+
+    /// The variants of one sample, in output order.
+    pub fn variants(&self) -> Vec<Variant> {
+        let kinds = self.corruptions().expect("validated");
+        let clean = self.clean.then_some(Variant::CLEAN);
+        clean
+            .into_iter()
+            .chain(kinds.into_iter().flat_map(|c| {
+                self.severities.iter().map(move |&severity| Variant {
+                    corruption: Some(c),
+                    severity,
+                })
+            }))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -181,6 +230,17 @@ pub struct TtaConfig {
     pub diffusion_classifier: DiffusionClassifierConfig,
 }
 
+impl TtaConfig {
+    /// The `method` column and summary label: the method, with `-online` when
+    /// Diffusion-TTA runs in online mode (TENT is always online).
+    pub fn label(&self) -> &'static str {
+        match (self.method, self.mode) {
+            (Method::DiffusionTta, Mode::Online) => "diffusion-tta-online",
+            (method, _) => method.as_str(),
+        }
+    }
+}
+
 impl Default for TtaConfig {
     fn default() -> Self {
         TtaConfig {
@@ -201,7 +261,7 @@ impl Default for TtaConfig {
             mode: Mode::Episodic,
             precision: Precision::Fp32,
             fuse_accum: true,
-            max_batch: 256,
+            max_batch: 64,
             tent: TentConfig::default(),
             diffusion_classifier: DiffusionClassifierConfig::default(),
         }
@@ -354,6 +414,10 @@ pub struct RuntimeConfig {
     /// Threads torch may use for compute on CPU; 0 means torch's default.
     #[serde(default)]
     pub torch_threads: usize,
+    /// CUDA only: TF32 tensor cores for fp32 matmuls and convolutions (PyTorch's
+    /// `allow_tf32`). Set false for bit-faithful fp32 comparisons with the reference.
+    #[serde(default = "yes")]
+    pub tf32: bool,
     #[serde(default)]
     pub seed: u64,
     /// Workers sharing the job, when the scheduler does not say (Kubernetes Indexed Jobs,
@@ -373,6 +437,7 @@ impl Default for RuntimeConfig {
             batch_size: default_batch_size(),
             decode_threads: 0,
             torch_threads: 0,
+            tf32: true,
             seed: 0,
             worker_count: None,
         }
@@ -521,6 +586,18 @@ impl PipelineConfig {
                 "tta.diffusion_classifier.first_samples",
                 "must be smaller than tta.diffusion_classifier.samples when pruning".into(),
             ));
+        }
+        if let Some(c) = &self.corrupt {
+            if c.kinds.is_empty() {
+                return Err(("corrupt.kinds", "must name at least one corruption (or \"all\")".into()));
+            }
+            c.corruptions().map_err(|e| ("corrupt.kinds", e))?;
+            if c.severities.is_empty() || c.severities.iter().any(|s| !(1..=5).contains(s)) {
+                return Err((
+                    "corrupt.severities",
+                    format!("{:?}: must be a non-empty list of 1..=5", c.severities),
+                ));
+            }
         }
         positive("runtime.batch_size", self.runtime.batch_size)?;
         positive("input.folder.shard_size", self.input.folder.shard_size)?;

@@ -183,6 +183,7 @@ fn print_report(r: &RunReport) {
             100.0 * r.adapt_busy_s / r.elapsed_s.max(1e-9)
         );
     }
+    println!("  memory:   {:.0} MiB peak resident", r.peak_rss_mib);
     println!("  output:   {}", r.output);
 }
 
@@ -357,11 +358,74 @@ async fn cmd_summarize(output_url: &str) -> ExitCode {
     for (shard, error) in &summary.failed_shards {
         println!("failed (not committed): {shard}: {error}");
     }
+    if !summary.variants.is_empty() {
+        println!();
+        print_robustness(&summary.variants);
+    }
     match summary::write(&out, &summary).await {
-        Ok((json, parquet)) => {
-            println!("written: {json}, {parquet}");
+        Ok(written) => {
+            println!("written: {}", written.join(", "));
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string(), 1),
     }
+}
+
+/// The robustness table: one line per variant, top-1 after adaptation per method, then
+/// the mean over corrupted variants and each method's ms per image.
+fn print_robustness(rows: &[summary::VariantRow]) {
+    let mut methods: Vec<&str> = Vec::new();
+    let mut variants: Vec<(&str, u8)> = Vec::new();
+    for r in rows {
+        if !methods.contains(&r.method.as_str()) {
+            methods.push(&r.method);
+        }
+        if !variants.contains(&(r.corruption.as_str(), r.severity)) {
+            variants.push((&r.corruption, r.severity));
+        }
+    }
+    let cell = |method: &str, v: (&str, u8)| {
+        rows.iter()
+            .find(|r| r.method == method && r.corruption == v.0 && r.severity == v.1)
+    };
+    let width = methods.iter().map(|m| m.len()).max().unwrap_or(0).max(8);
+    print!("{:<22} {:>3}", "top-1 (%)", "sev");
+    for m in &methods {
+        print!(" {m:>width$}");
+    }
+    println!();
+    for &v in &variants {
+        print!(
+            "{:<22} {:>3}",
+            v.0,
+            if v.1 == 0 { "-".to_string() } else { v.1.to_string() }
+        );
+        for m in &methods {
+            let acc = cell(m, v).and_then(|r| r.tally.accuracy_after());
+            print!(
+                " {:>width$}",
+                acc.map_or("n/a".to_string(), |a| format!("{:.1}", a * 100.0))
+            );
+        }
+        println!();
+    }
+    print!("{:<26}", "mean over corrupted");
+    for m in &methods {
+        let accs: Vec<f64> = variants
+            .iter()
+            .filter(|v| v.1 > 0)
+            .filter_map(|&v| cell(m, v).and_then(|r| r.tally.accuracy_after()))
+            .collect();
+        let mean = (!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64 * 100.0);
+        print!(" {:>width$}", mean.map_or("n/a".to_string(), |a| format!("{a:.1}")));
+    }
+    println!();
+    print!("{:<26}", "ms per image");
+    for m in &methods {
+        let (ms, n) = rows.iter().filter(|r| r.method == *m).fold((0.0, 0u64), |(ms, n), r| {
+            (ms + r.tally.adapt_ms, n + r.tally.predicted())
+        });
+        print!(" {:>width$.1}", ms / n.max(1) as f64);
+    }
+    println!();
 }

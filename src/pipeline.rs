@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Method as MethodName;
 use crate::config::PipelineConfig;
-use crate::image::{prepare, DecodeLimits, Prepared, Views};
+use crate::image::{prepare, DecodeLimits, Expansion, Prepared, Views};
 use crate::model::device::{self, DeviceSpec};
 use crate::model::{Bundle, BundleError};
 use crate::shards::{self, Defect, ReadLimits, Sample, SampleSink, ShardInput, Status};
@@ -137,6 +137,8 @@ pub struct RunReport {
     pub images_per_s: f64,
     /// Seconds the adapt stage spent computing (the rest of its time it waited for input).
     pub adapt_busy_s: f64,
+    /// Peak resident memory of the process so far (getrusage), in MiB.
+    pub peak_rss_mib: f64,
     pub config: PipelineConfig,
 }
 
@@ -186,7 +188,8 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
     if config.runtime.torch_threads > 0 {
         tch::set_num_threads(config.runtime.torch_threads as i32);
     }
-    let method_name = config.tta.method.as_str();
+    crate::tta::autocast::configure_cuda_math(device, config.runtime.tf32);
+    let method_name = config.tta.label();
 
     let mut report = RunReport {
         run_id: run_id.clone(),
@@ -209,6 +212,7 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
         tally: Tally::default(),
         images_per_s: 0.0,
         adapt_busy_s: 0.0,
+        peak_rss_mib: 0.0,
         config: redacted(&config),
     };
     if todo.is_empty() {
@@ -271,6 +275,13 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
         .thread_name(|i| format!("dtta-decode-{i}"))
         .build()
         .map_err(|e| PipelineError::Internal(format!("cannot start the decode pool: {e}")))?;
+    let expansion = match &config.corrupt {
+        Some(c) => Expansion {
+            variants: c.variants(),
+            seed: config.runtime.seed,
+        },
+        None => Expansion::none(),
+    };
     let decode = tokio::spawn(decode_stage(
         samples_rx,
         prepared_tx,
@@ -280,11 +291,14 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
             max_pixels: config.limits.max_pixels,
         },
         config.input.require_label,
+        expansion,
         decode_threads * 4,
+        batch_size,
     ));
 
     let mut progress = Progress::new(progress, todo.len());
     let sink = SinkStage {
+        by_variant: config.corrupt.is_some(),
         output: plan.output.clone(),
         run_id: run_id.clone(),
         method: method_name,
@@ -317,8 +331,21 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
     report.finished_at = chrono::Utc::now().to_rfc3339();
     report.images_per_s = report.tally.rows as f64 / report.elapsed_s.max(1e-9);
     report.adapt_busy_s = adapt_busy.load(Ordering::Relaxed) as f64 / 1e6;
+    report.peak_rss_mib = peak_rss_mib();
     commit::write_run_summary(&plan.output, &run_id, &report).await?;
     Ok(report)
+}
+
+/// The process's peak resident set size in MiB (Linux reports `ru_maxrss` in KiB).
+fn peak_rss_mib() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes the struct it is given.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
+    if !ok {
+        return 0.0;
+    }
+    // SAFETY: initialised by the successful call above.
+    unsafe { usage.assume_init() }.ru_maxrss as f64 / 1024.0
 }
 
 /// Loads the models the configured method needs and builds it (on the adapt thread).
@@ -471,6 +498,14 @@ async fn fetch_stage(
         .await;
 }
 
+/// Decodes on the pool, in input order, and expands every sample into its variants.
+///
+/// Variants leave in runs: `group` consecutive samples of a shard are held (decoded
+/// views only, at most `group` x variants items), then emitted variant by variant, so
+/// a batch of the adapt stage holds one variant and stateful methods (TENT, online
+/// Diffusion-TTA) see one stream per variant. Without corruption, one variant: no
+/// holding. End counts become rows (samples x variants), which the sink checks.
+#[allow(clippy::too_many_arguments)]
 async fn decode_stage(
     rx: mpsc::Receiver<Event<Budgeted>>,
     tx: mpsc::Sender<Event<Prepared>>,
@@ -478,44 +513,116 @@ async fn decode_stage(
     views: Views,
     limits: DecodeLimits,
     require_label: bool,
+    expansion: Expansion,
     depth: usize,
+    group: usize,
 ) {
     let views = Arc::new(views);
+    let expansion = Arc::new(expansion);
+    let per_sample = expansion.variants.len() as u64;
     let mut ordered = tokio_stream_of(rx)
-        .map(|event| -> BoxFuture<'static, Event<Prepared>> {
+        .map(|event| -> BoxFuture<'static, Event<Vec<Prepared>>> {
             match event {
                 Event::Control(c) => futures::future::ready(Event::Control(c)).boxed(),
                 Event::Item { shard, item } => {
                     let (done_tx, done_rx) = oneshot::channel();
                     let views = views.clone();
+                    let expansion = expansion.clone();
+                    let variants = expansion.variants.clone();
                     let key = item.sample.key.clone();
                     let label = item.sample.label;
                     pool.spawn(move || {
-                        let prepared = prepare(item.sample, &views, limits, require_label);
+                        let prepared = prepare(item.sample, &views, limits, require_label, &expansion);
                         drop(item._permit);
                         let _ = done_tx.send(prepared);
                     });
                     async move {
-                        // A decoder panic loses the pixels, not the row.
-                        let item = done_rx.await.unwrap_or_else(|_| Prepared {
-                            key,
-                            label,
-                            pixels: None,
-                            gen_pixels: None,
-                            defect: Some(Defect::new(Status::DecodeError, "the image decoder panicked")),
+                        // A decoder panic loses the pixels, not the rows.
+                        let items = done_rx.await.unwrap_or_else(|_| {
+                            variants
+                                .into_iter()
+                                .map(|variant| Prepared {
+                                    key: key.clone(),
+                                    label,
+                                    variant,
+                                    pixels: None,
+                                    gen_pixels: None,
+                                    defect: Some(Defect::new(Status::DecodeError, "the image decoder panicked")),
+                                })
+                                .collect()
                         });
-                        Event::Item { shard, item }
+                        Event::Item { shard, item: items }
                     }
                     .boxed()
                 }
             }
         })
         .buffered(depth);
+    // Per shard: shards in flight interleave their samples.
+    let mut held: HashMap<Arc<str>, Vec<Vec<Prepared>>> = HashMap::new();
     while let Some(event) = ordered.next().await {
-        if tx.send(event).await.is_err() {
-            return;
+        match event {
+            Event::Item { shard, item } => {
+                let group_full = {
+                    let samples = held.entry(shard.clone()).or_default();
+                    samples.push(item);
+                    samples.len() >= group.max(1)
+                };
+                if group_full && !emit_by_variant(&shard, held.remove(&shard), &tx).await {
+                    return;
+                }
+            }
+            Event::Control(c) => {
+                let c = match c {
+                    Control::End { shard, samples } => Control::End {
+                        samples: samples * per_sample,
+                        shard,
+                    },
+                    c => c,
+                };
+                match &c {
+                    Control::End { shard, .. } => {
+                        if !emit_by_variant(shard, held.remove(shard), &tx).await {
+                            return;
+                        }
+                    }
+                    // Its rows will not be committed: no need to adapt them.
+                    Control::Failed { shard, .. } => drop(held.remove(shard)),
+                    Control::Begin(_) => {}
+                }
+                if tx.send(Event::Control(c)).await.is_err() {
+                    return;
+                }
+            }
         }
     }
+}
+
+/// Sends a shard's held samples variant by variant; false when the receiver is gone.
+async fn emit_by_variant(
+    shard: &Arc<str>,
+    held: Option<Vec<Vec<Prepared>>>,
+    tx: &mpsc::Sender<Event<Prepared>>,
+) -> bool {
+    let mut columns: Vec<Vec<Prepared>> = Vec::new();
+    for items in held.unwrap_or_default() {
+        for (v, item) in items.into_iter().enumerate() {
+            if columns.len() <= v {
+                columns.push(Vec::new());
+            }
+            columns[v].push(item);
+        }
+    }
+    for item in columns.into_iter().flatten() {
+        let event = Event::Item {
+            shard: shard.clone(),
+            item,
+        };
+        if tx.send(event).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 fn tokio_stream_of<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send {
@@ -546,24 +653,29 @@ fn adapt_stage(
             Event::Item { shard, item } => (shard, item),
         };
         let mut shards = vec![shard];
+        let variant = item.variant;
         let mut batch = vec![item];
+        // A batch is full unless a shard boundary, another variant or the end of input
+        // cuts it: TENT's batch statistics need the whole batch. It holds one variant, as
+        // stateful methods keep one state per variant.
         while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(Event::Item { shard, item }) => {
+            match rx.blocking_recv() {
+                Some(Event::Item { shard, item }) if item.variant == variant => {
                     shards.push(shard);
                     batch.push(item);
                 }
-                Ok(control) => {
-                    held = Some(control);
+                Some(other) => {
+                    held = Some(other);
                     break;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         let t = Instant::now();
         let outcomes = method.run(batch)?;
         busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-        for (shard, item) in shards.into_iter().zip(outcomes) {
+        for (shard, mut item) in shards.into_iter().zip(outcomes) {
+            item.variant = variant;
             if tx.blocking_send(Event::Item { shard, item }).is_err() {
                 return Ok(());
             }
@@ -573,6 +685,8 @@ fn adapt_stage(
 
 /// Writes rows per shard and commits each shard when its End arrives.
 struct SinkStage {
+    /// Tally per variant too (`[corrupt]` is set).
+    by_variant: bool,
     output: Location,
     run_id: String,
     method: &'static str,
@@ -593,7 +707,8 @@ impl SinkStage {
             while let Some(event) = rx.recv().await {
                 match event {
                     Event::Control(Control::Begin(shard)) => {
-                        let writer = ShardWriter::create(&self.output, &self.run_id, &shard, self.method)?;
+                        let writer =
+                            ShardWriter::create(&self.output, &self.run_id, &shard, self.method, self.by_variant)?;
                         writers.insert(shard, writer);
                     }
                     Event::Item { shard, item } => {

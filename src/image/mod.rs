@@ -3,11 +3,13 @@
 //! Everything here is CPU-bound and synchronous; the pipeline runs it on the decode
 //! pool, never on the async I/O threads.
 
+pub mod corrupt;
 pub mod decode;
 pub mod preprocess;
 
 use crate::shards::{Defect, Sample, Status};
 
+pub use corrupt::Corruption;
 pub use decode::{decode, Channels, DecodedImage};
 pub use preprocess::{ClassifierView, DiffusionView};
 
@@ -16,12 +18,65 @@ pub use preprocess::{ClassifierView, DiffusionView};
 pub struct Prepared {
     pub key: String,
     pub label: Option<i64>,
+    /// Which presentation of the decoded image the views hold.
+    pub variant: Variant,
     /// CHW float pixels of the classifier view; `None` when the sample cannot be predicted.
     pub pixels: Option<Vec<f32>>,
     /// CHW floats in [-1, 1] of the diffusion view, when the method needs one.
     pub gen_pixels: Option<Vec<f32>>,
     /// Status other than `ok` and its reason, if any.
     pub defect: Option<Defect>,
+}
+
+/// One presentation of a decoded image: as decoded (`corruption = None`, severity 0), or
+/// with an ImageNet-C corruption at a severity in 1..=5.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Variant {
+    pub corruption: Option<Corruption>,
+    pub severity: u8,
+}
+
+impl Variant {
+    pub const CLEAN: Variant = Variant {
+        corruption: None,
+        severity: 0,
+    };
+
+    /// The `corruption` column: the corruption's name, or `clean`.
+    pub fn corruption_name(self) -> &'static str {
+        self.corruption.map_or("clean", Corruption::name)
+    }
+
+    /// `clean`, or `<corruption>/<severity>`: the key of per-variant tallies.
+    pub fn label(self) -> String {
+        match self.corruption {
+            None => "clean".into(),
+            Some(c) => format!("{}/{}", c.name(), self.severity),
+        }
+    }
+}
+
+/// The variants every input sample expands into, in output order. Without a
+/// `[corrupt]` section this is just [`Variant::CLEAN`]: one row per sample.
+#[derive(Debug, Clone)]
+pub struct Expansion {
+    pub variants: Vec<Variant>,
+    /// Seeds the corruptions' randomness together with the key (see `corrupt::variant_seed`).
+    pub seed: u64,
+}
+
+impl Expansion {
+    pub fn none() -> Expansion {
+        Expansion {
+            variants: vec![Variant::CLEAN],
+            seed: 0,
+        }
+    }
+
+    /// Whether any variant corrupts: corruptions are defined on the full-scale image.
+    pub fn corrupts(&self) -> bool {
+        self.variants.iter().any(|v| v.corruption.is_some())
+    }
 }
 
 /// Limits that decoding enforces.
@@ -47,22 +102,37 @@ impl Views {
     }
 }
 
-/// Decodes and preprocesses one sample. Never fails: problems become the defect.
-pub fn prepare(sample: Sample, views: &Views, limits: DecodeLimits, require_label: bool) -> Prepared {
+/// Decodes one sample once and prepares every variant of it, in `expansion` order.
+/// Never fails: problems become the defect, repeated on each variant's row.
+pub fn prepare(
+    sample: Sample,
+    views: &Views,
+    limits: DecodeLimits,
+    require_label: bool,
+    expansion: &Expansion,
+) -> Vec<Prepared> {
     let Sample {
         key,
         image,
         label,
         mut defect,
     } = sample;
-    let mut pixels = None;
-    let mut gen_pixels = None;
+    let mut decoded = None;
     if let Some(bytes) = image.filter(|_| defect.as_ref().is_none_or(|d| d.status.is_predicted())) {
-        match decode(&bytes, views.decode_channels(), limits.max_pixels) {
-            Ok(img) => {
-                pixels = Some(views.classifier.apply(&img));
-                gen_pixels = views.diffusion.as_ref().map(|d| d.apply(&img, &views.classifier));
-            }
+        // Corruptions are defined on the full-scale image; otherwise large JPEGs may be
+        // decoded at a reduced DCT scale that still covers both views.
+        let result = if expansion.corrupts() {
+            decode(&bytes, views.decode_channels(), limits.max_pixels)
+        } else {
+            decode::decode_for_view(
+                &bytes,
+                views.decode_channels(),
+                limits.max_pixels,
+                views.classifier.needed_short_side(views.diffusion.as_ref()),
+            )
+        };
+        match result {
+            Ok(img) => decoded = Some(img),
             // An image problem outranks a label problem.
             Err(d) => defect = Some(d),
         }
@@ -73,11 +143,27 @@ pub fn prepare(sample: Sample, views: &Views, limits: DecodeLimits, require_labe
             "no .cls/.json/.txt label and input.require_label is set",
         ));
     }
-    Prepared {
-        key,
-        label,
-        pixels,
-        gen_pixels,
-        defect,
-    }
+    expansion
+        .variants
+        .iter()
+        .map(|&variant| {
+            let corrupted;
+            let img = match (&decoded, variant.corruption) {
+                (Some(img), Some(kind)) => {
+                    let seed = corrupt::variant_seed(expansion.seed, &key, kind, variant.severity);
+                    corrupted = corrupt::corrupt(img, kind, variant.severity, seed);
+                    Some(&corrupted)
+                }
+                (img, _) => img.as_ref(),
+            };
+            Prepared {
+                key: key.clone(),
+                label,
+                variant,
+                pixels: img.map(|img| views.classifier.apply(img)),
+                gen_pixels: img.and_then(|img| views.diffusion.as_ref().map(|d| d.apply(img, &views.classifier))),
+                defect: defect.clone(),
+            }
+        })
+        .collect()
 }

@@ -54,10 +54,17 @@ pub struct Tally {
     pub correct_after: u64,
     /// Sum of `adapt_ms` over predicted rows.
     pub adapt_ms: f64,
+    /// The same counts per variant label (`clean`, `gaussian_noise/3`, ...), when the
+    /// run expands samples into corrupted variants; empty otherwise.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_variant: BTreeMap<String, Tally>,
 }
 
 impl Tally {
-    pub fn add(&mut self, o: &Outcome) {
+    pub fn add(&mut self, o: &Outcome, by_variant: bool) {
+        if by_variant {
+            self.by_variant.entry(o.variant.label()).or_default().add(o, false);
+        }
         self.rows += 1;
         *self.statuses.entry(o.status.as_str().to_string()).or_default() += 1;
         if let Some(after) = o.correct_after() {
@@ -77,6 +84,9 @@ impl Tally {
         self.correct_before += other.correct_before;
         self.correct_after += other.correct_after;
         self.adapt_ms += other.adapt_ms;
+        for (variant, tally) in &other.by_variant {
+            self.by_variant.entry(variant.clone()).or_default().merge(tally);
+        }
     }
 
     /// Top-1 accuracy after adaptation over labelled rows, if any.
@@ -166,6 +176,8 @@ pub struct ShardWriter {
     steps: TableWriter,
     pending: Vec<Outcome>,
     pub tally: Tally,
+    /// Keep `tally.by_variant` (the run expands samples into variants).
+    by_variant: bool,
 }
 
 impl ShardWriter {
@@ -174,7 +186,13 @@ impl ShardWriter {
         format!("{table}/{shard}.{run_id}.parquet")
     }
 
-    pub fn create(out: &Location, run_id: &str, shard: &str, method: &'static str) -> Result<Self, SinkError> {
+    pub fn create(
+        out: &Location,
+        run_id: &str,
+        shard: &str,
+        method: &'static str,
+        by_variant: bool,
+    ) -> Result<Self, SinkError> {
         let rel = |table| Self::relative_path(table, shard, run_id);
         Ok(ShardWriter {
             shard: shard.to_string(),
@@ -184,6 +202,7 @@ impl ShardWriter {
             steps: TableWriter::create(out, &rel("steps"), steps::schema())?,
             pending: Vec::new(),
             tally: Tally::default(),
+            by_variant,
         })
     }
 
@@ -192,7 +211,7 @@ impl ShardWriter {
     }
 
     pub async fn push(&mut self, outcome: Outcome) -> Result<(), SinkError> {
-        self.tally.add(&outcome);
+        self.tally.add(&outcome, self.by_variant);
         self.pending.push(outcome);
         if self.pending.len() >= BATCH_ROWS {
             self.flush_batch().await?;

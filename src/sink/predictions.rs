@@ -33,6 +33,9 @@ pub fn schema() -> SchemaRef {
                 Field::new("loss_last", DataType::Float32, true),
                 Field::new("steps", DataType::Int32, false),
                 Field::new("adapt_ms", DataType::Float64, false),
+                // The variant ([corrupt]): `clean` and 0 for the image as decoded.
+                Field::new("corruption", DataType::Utf8, false),
+                Field::new("severity", DataType::Int32, false),
             ]))
         })
         .clone()
@@ -68,6 +71,12 @@ pub fn record_batch(run_id: &str, shard: &str, method: &str, rows: &[Outcome]) -
         Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.loss_last))),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.steps as i32))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.adapt_ms))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.variant.corruption_name()),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.variant.severity as i32),
+        )),
     ];
     RecordBatch::try_new(schema(), columns).expect("columns match the schema")
 }

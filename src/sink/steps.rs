@@ -24,6 +24,8 @@ pub fn schema() -> SchemaRef {
                 Field::new("lr", DataType::Float32, false),
                 Field::new("grad_norm", DataType::Float32, false),
                 Field::new("elapsed_ms", DataType::Float64, false),
+                Field::new("corruption", DataType::Utf8, false),
+                Field::new("severity", DataType::Int32, false),
             ]))
         })
         .clone()
@@ -31,15 +33,15 @@ pub fn schema() -> SchemaRef {
 
 /// The step rows of `outcomes` (possibly none).
 pub fn record_batch(run_id: &str, shard: &str, outcomes: &[Outcome]) -> RecordBatch {
-    let rows: Vec<(&str, &crate::tta::StepRecord)> = outcomes
+    let rows: Vec<(&Outcome, &crate::tta::StepRecord)> = outcomes
         .iter()
-        .flat_map(|o| o.step_log.iter().map(move |s| (o.key.as_str(), s)))
+        .flat_map(|o| o.step_log.iter().map(move |s| (o, s)))
         .collect();
     let n = rows.len();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run_id; n])),
         Arc::new(StringArray::from(vec![shard; n])),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|(k, _)| *k))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|(o, _)| o.key.as_str()))),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|(_, s)| s.step as i32))),
         Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.loss))),
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|(_, s)| s.pred))),
@@ -48,6 +50,12 @@ pub fn record_batch(run_id: &str, shard: &str, outcomes: &[Outcome]) -> RecordBa
         Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.lr))),
         Arc::new(Float32Array::from_iter_values(rows.iter().map(|(_, s)| s.grad_norm))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|(_, s)| s.elapsed_ms))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|(o, _)| o.variant.corruption_name()),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|(o, _)| o.variant.severity as i32),
+        )),
     ];
     RecordBatch::try_new(schema(), columns).expect("columns match the schema")
 }

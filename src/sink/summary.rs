@@ -3,6 +3,11 @@
 //!
 //! Counts come from commit markers only (committed data); speeds and failures come from
 //! the run summaries (`_runs/<run_id>.json`) the workers wrote.
+//!
+//! An output URL without commit markers of its own is read as a parent of outputs (one
+//! per method, as `make eval` writes): every direct child folder with markers counts.
+//! Runs with `[corrupt]` also get the robustness table, one row per method and variant,
+//! written as `_runs/robustness.csv` and `_runs/robustness.parquet`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,11 +41,30 @@ impl SummaryRow {
     }
 }
 
+/// One cell group of the robustness table: a method on one variant, over all workers.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantRow {
+    pub method: String,
+    /// `clean` or an ImageNet-C corruption name.
+    pub corruption: String,
+    /// 0 for `clean`, else 1..=5.
+    pub severity: u8,
+    pub tally: Tally,
+}
+
+impl VariantRow {
+    pub fn ms_per_image(&self) -> f64 {
+        self.tally.adapt_ms / self.tally.predicted().max(1) as f64
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub output: String,
     pub committed_shards: usize,
     pub rows: Vec<SummaryRow>,
+    /// Per method and variant, for runs with `[corrupt]`; sorted by variant, then method.
+    pub variants: Vec<VariantRow>,
     /// Shards a run reported as failed that are still not committed: (shard, error).
     pub failed_shards: Vec<(String, String)>,
     pub runs: usize,
@@ -64,10 +88,23 @@ struct FailedFacts {
 }
 
 pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
-    let markers = read_markers(out).await?;
-    let runs = read_runs(out).await?;
+    let mut markers = Vec::new();
+    let mut runs = Vec::new();
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    for output in outputs_below(out).await? {
+        let committed = read_markers(&output).await?;
+        let output_runs = read_runs(&output).await?;
+        for f in output_runs.iter().flat_map(|r| &r.shards_failed) {
+            if !committed.contains_key(&f.shard) {
+                failed.insert(output.display_child(&f.shard), f.error.clone());
+            }
+        }
+        markers.extend(committed.into_values());
+        runs.extend(output_runs);
+    }
     let mut rows: BTreeMap<(String, Option<usize>), SummaryRow> = BTreeMap::new();
-    for m in markers.values() {
+    let mut variants: BTreeMap<(u8, String, String), VariantRow> = BTreeMap::new();
+    for m in &markers {
         for worker in [None, Some(m.worker_index)] {
             let row = rows.entry((m.method.clone(), worker)).or_insert_with(|| SummaryRow {
                 method: m.method.clone(),
@@ -78,6 +115,23 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
             });
             row.shards += 1;
             row.tally.merge(&m.tally);
+        }
+        for (label, tally) in &m.tally.by_variant {
+            let (corruption, severity) = match label.split_once('/') {
+                Some((c, s)) => (c.to_string(), s.parse().unwrap_or(0)),
+                None => (label.clone(), 0),
+            };
+            // Clean first, then by corruption name and severity.
+            let order = u8::from(severity > 0);
+            let row = variants
+                .entry((order, format!("{corruption}/{severity}"), m.method.clone()))
+                .or_insert_with(|| VariantRow {
+                    method: m.method.clone(),
+                    corruption,
+                    severity,
+                    tally: Tally::default(),
+                });
+            row.tally.merge(tally);
         }
     }
     // Speed per (method, worker): images over wall time, summed over that worker's runs.
@@ -94,21 +148,51 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
             row.images_per_s = Some(*images as f64 / secs);
         }
     }
-    let mut failed: BTreeMap<String, String> = BTreeMap::new();
-    for r in &runs {
-        for f in &r.shards_failed {
-            if !markers.contains_key(&f.shard) {
-                failed.insert(f.shard.clone(), f.error.clone());
-            }
-        }
-    }
     Ok(Summary {
         output: out.display.clone(),
         committed_shards: markers.len(),
         rows: rows.into_values().collect(),
+        variants: variants.into_values().collect(),
         failed_shards: failed.into_iter().collect(),
         runs: runs.len(),
     })
+}
+
+/// `out` when it has commit markers (or nothing below it at all), else its direct child
+/// folders that have them.
+async fn outputs_below(out: &Location) -> Result<Vec<Location>, SinkError> {
+    let listing = retrying("listing the output", || {
+        out.store.list_with_delimiter(Some(&out.prefix))
+    })
+    .await
+    .map_err(|source| SinkError::Store {
+        path: out.display.clone(),
+        source,
+    })?;
+    let own = listing.common_prefixes.iter().any(|p| p.filename() == Some("_commits"));
+    let mut children = Vec::new();
+    if !own {
+        for prefix in listing.common_prefixes {
+            let name = prefix.filename().unwrap_or_default().to_string();
+            let child = Location {
+                store: out.store.clone(),
+                prefix,
+                display: out.display_child(&format!("{name}/")),
+            };
+            let marks = child.child("_commits");
+            let has_markers = retrying("listing _commits/", || out.store.list_with_delimiter(Some(&marks)))
+                .await
+                .map(|l| !l.objects.is_empty())
+                .unwrap_or(false);
+            if has_markers {
+                children.push(child);
+            }
+        }
+    }
+    if children.is_empty() {
+        children.push(out.clone());
+    }
+    Ok(children)
 }
 
 async fn read_runs(out: &Location) -> Result<Vec<RunFacts>, SinkError> {
@@ -141,17 +225,11 @@ async fn read_runs(out: &Location) -> Result<Vec<RunFacts>, SinkError> {
     Ok(runs)
 }
 
-/// Writes `_runs/summary.json` and `_runs/summary.parquet`; returns their display paths.
-pub async fn write(out: &Location, summary: &Summary) -> Result<(String, String), SinkError> {
-    let json = out.child("_runs/summary.json");
+/// Writes `_runs/summary.json` and `_runs/summary.parquet`, and with variants also
+/// `_runs/robustness.csv` and `_runs/robustness.parquet`; returns their display paths.
+pub async fn write(out: &Location, summary: &Summary) -> Result<Vec<String>, SinkError> {
     let body = serde_json::to_vec_pretty(summary).expect("summaries serialize");
-    out.store
-        .put(&json, PutPayload::from(body))
-        .await
-        .map_err(|source| SinkError::Store {
-            path: out.display_child("_runs/summary.json"),
-            source,
-        })?;
+    let mut written = vec![put(out, "_runs/summary.json", body).await?];
     let schema = Arc::new(Schema::new(vec![
         Field::new("method", DataType::Utf8, false),
         Field::new("worker", DataType::Int64, true),
@@ -177,19 +255,73 @@ pub async fn write(out: &Location, summary: &Summary) -> Result<(String, String)
         Arc::new(Float64Array::from_iter_values(r.iter().map(|x| x.ms_per_image()))),
         Arc::new(Float64Array::from_iter(r.iter().map(|x| x.images_per_s))),
     ];
-    let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match the schema");
-    let parquet_path = out.display_child("_runs/summary.parquet");
+    let batch = RecordBatch::try_new(schema, columns).expect("columns match the schema");
+    written.push(put_parquet(out, "_runs/summary.parquet", &batch).await?);
+    if summary.variants.is_empty() {
+        return Ok(written);
+    }
+    let v = &summary.variants;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("method", DataType::Utf8, false),
+        Field::new("corruption", DataType::Utf8, false),
+        Field::new("severity", DataType::Int64, false),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("labelled", DataType::UInt64, false),
+        Field::new("top1_before", DataType::Float64, true),
+        Field::new("top1_after", DataType::Float64, true),
+        Field::new("ms_per_image", DataType::Float64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(v.iter().map(|x| x.method.as_str()))),
+        Arc::new(StringArray::from_iter_values(v.iter().map(|x| x.corruption.as_str()))),
+        Arc::new(Int64Array::from_iter_values(v.iter().map(|x| x.severity as i64))),
+        Arc::new(UInt64Array::from_iter_values(v.iter().map(|x| x.tally.rows))),
+        Arc::new(UInt64Array::from_iter_values(v.iter().map(|x| x.tally.labelled))),
+        Arc::new(Float64Array::from_iter(v.iter().map(|x| x.tally.accuracy_before()))),
+        Arc::new(Float64Array::from_iter(v.iter().map(|x| x.tally.accuracy_after()))),
+        Arc::new(Float64Array::from_iter_values(v.iter().map(|x| x.ms_per_image()))),
+    ];
+    let batch = RecordBatch::try_new(schema, columns).expect("columns match the schema");
+    let mut csv = String::from("method,corruption,severity,rows,labelled,top1_before,top1_after,ms_per_image\n");
+    let opt = |x: Option<f64>| x.map_or(String::new(), |x| format!("{x:.6}"));
+    for x in v {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{:.3}\n",
+            x.method,
+            x.corruption,
+            x.severity,
+            x.tally.rows,
+            x.tally.labelled,
+            opt(x.tally.accuracy_before()),
+            opt(x.tally.accuracy_after()),
+            x.ms_per_image()
+        ));
+    }
+    written.push(put(out, "_runs/robustness.csv", csv.into_bytes()).await?);
+    written.push(put_parquet(out, "_runs/robustness.parquet", &batch).await?);
+    Ok(written)
+}
+
+async fn put(out: &Location, rel: &str, body: Vec<u8>) -> Result<String, SinkError> {
+    out.store
+        .put(&out.child(rel), PutPayload::from(body))
+        .await
+        .map_err(|source| SinkError::Store {
+            path: out.display_child(rel),
+            source,
+        })?;
+    Ok(out.display_child(rel))
+}
+
+async fn put_parquet(out: &Location, rel: &str, batch: &RecordBatch) -> Result<String, SinkError> {
+    let path = out.display_child(rel);
     let parquet_err = |source| SinkError::Parquet {
-        path: parquet_path.clone(),
+        path: path.clone(),
         source,
     };
-    let mut writer = AsyncArrowWriter::try_new(
-        BufWriter::new(out.store.clone(), out.child("_runs/summary.parquet")),
-        schema,
-        None,
-    )
-    .map_err(parquet_err)?;
-    writer.write(&batch).await.map_err(parquet_err)?;
+    let mut writer = AsyncArrowWriter::try_new(BufWriter::new(out.store.clone(), out.child(rel)), batch.schema(), None)
+        .map_err(parquet_err)?;
+    writer.write(batch).await.map_err(parquet_err)?;
     writer.close().await.map_err(parquet_err)?;
-    Ok((out.display_child("_runs/summary.json"), parquet_path))
+    Ok(path)
 }

@@ -16,3 +16,13 @@ extern "C" void dtta_autocast_exit(bool previous) {
   }
   at::autocast::set_autocast_enabled(at::kCUDA, previous);
 }
+
+// TF32 tensor cores for fp32 matmuls and convolutions on CUDA (Ampere and later), and
+// cuDNN's autotuner (the shapes repeat for every image). No effect on the CPU.
+#include <ATen/Context.h>
+
+extern "C" void dtta_cuda_fast_fp32(bool tf32) {
+  at::globalContext().setAllowTF32CuBLAS(tf32);
+  at::globalContext().setAllowTF32CuDNN(tf32);
+  at::globalContext().setBenchmarkCuDNN(true);
+}

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::optim::Optimizer;
-use super::params::AdaptedParams;
+use super::params::{AdaptedParams, VariantStreams};
 use super::schedule::{add_noise, NoiseSource, SeededNoise};
 use super::{per_image, predictions, Method, Outcome, Prediction};
 use crate::config::{Adapt, DiffusionClassifierConfig, OptimizerKind, TentConfig, Timesteps};
@@ -76,10 +76,18 @@ impl Method for Source {
 }
 
 /// TENT: online; each batch is predicted in train mode (batch statistics) and then used
-/// for one entropy-minimisation step on the norm layers' affine parameters.
+/// for one entropy-minimisation step on the norm layers' affine parameters. With
+/// variants, each variant is its own stream of affine parameters and optimizer state.
+///
+/// Hazard: train-mode passes also update the BatchNorm running statistics (TorchScript
+/// buffers, which tch cannot snapshot), and `pred_before` (eval mode) reads them, so
+/// `pred_before` drifts with every batch of every stream; `pred_after` does not use them.
 pub struct Tent {
     classifier: Classifier,
     params: AdaptedParams,
+    /// The source values of `params`: where a new variant stream starts.
+    originals: Vec<Tensor>,
+    streams: VariantStreams,
     optimizer: Optimizer,
     batch_size: usize,
     topk: usize,
@@ -106,6 +114,8 @@ impl Tent {
         );
         Ok(Tent {
             classifier,
+            originals: params.snapshot(),
+            streams: VariantStreams::default(),
             params,
             optimizer: Optimizer::new(OptimizerKind::Sgd, cfg.lr, cfg.momentum, 0.0),
             batch_size,
@@ -125,6 +135,9 @@ impl Method for Tent {
         if images.is_empty() {
             return Ok(assemble(batch, Vec::new(), Vec::new(), 0.0));
         }
+        // The adapt stage never mixes variants in a batch.
+        self.streams
+            .switch(batch[0].variant, &self.params, &mut self.optimizer, &self.originals);
         let x = self.classifier.batch_from(&images);
         // The unadapted model's view, for pred_before.
         self.classifier.set_eval();

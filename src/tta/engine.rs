@@ -14,7 +14,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::optim::Optimizer;
-use super::params::AdaptedParams;
+use super::params::{AdaptedParams, VariantStreams};
 use super::schedule::{add_noise, NoiseSource, SeededNoise};
 use super::{per_image, predictions, Method, Outcome, Prediction, StepRecord};
 use crate::config::{Loss, Mode, Precision, TtaConfig};
@@ -78,6 +78,8 @@ pub struct DiffusionTta {
     optimizer: Optimizer,
     noise: Box<dyn NoiseSource>,
     knobs: Knobs,
+    /// Online mode: one adapted state per variant stream.
+    streams: VariantStreams,
 }
 
 impl DiffusionTta {
@@ -123,6 +125,7 @@ impl DiffusionTta {
             optimizer: Optimizer::new(cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay),
             noise,
             knobs: Knobs::from_config(cfg),
+            streams: VariantStreams::default(),
         })
     }
 
@@ -357,6 +360,10 @@ impl Method for DiffusionTta {
 
     fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
         per_image(batch, |p, pixels, gen| {
+            if self.knobs.mode == Mode::Online {
+                self.streams
+                    .switch(p.variant, &self.params, &mut self.optimizer, &self.originals);
+            }
             let adapted = self.adapt(&p.key, pixels, gen)?;
             let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
             o.set_before(&adapted.before);

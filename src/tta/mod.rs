@@ -10,7 +10,7 @@ pub mod schedule;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::image::Prepared;
+use crate::image::{Prepared, Variant};
 use crate::shards::{Defect, Status};
 
 /// The result for one sample: one predictions row (without run-level columns), and the
@@ -19,6 +19,8 @@ use crate::shards::{Defect, Status};
 pub struct Outcome {
     pub key: String,
     pub label: Option<i64>,
+    /// The presentation of the image this row is about (the adapt stage sets it).
+    pub variant: Variant,
     pub status: Status,
     pub error: Option<String>,
     pub pred_before: Option<i64>,
@@ -88,6 +90,7 @@ impl Outcome {
         Outcome {
             key,
             label,
+            variant: Variant::CLEAN,
             status,
             error,
             pred_before: None,

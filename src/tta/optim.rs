@@ -126,6 +126,11 @@ impl Optimizer {
         self.state = state;
     }
 
+    /// Moves the state out, leaving a fresh optimizer (no copy).
+    pub fn take_state(&mut self) -> OptimizerState {
+        std::mem::take(&mut self.state)
+    }
+
     /// Back to a fresh optimizer, as before the first image.
     pub fn reset(&mut self) {
         self.state = OptimizerState::default();

@@ -5,9 +5,13 @@
 //! reload, no host round trip). Buffers (BatchNorm statistics) are never written by
 //! Diffusion-TTA: the classifier always runs in eval mode.
 
+use std::collections::HashMap;
+
 use tch::{Kind, Tensor};
 
+use super::optim::{Optimizer, OptimizerState};
 use crate::config::Adapt;
+use crate::image::Variant;
 
 /// The adapted parameters of the classifier (and the denoiser).
 pub struct AdaptedParams {
@@ -88,5 +92,46 @@ impl AdaptedParams {
 
     pub fn numel(&self) -> usize {
         self.tensors.iter().map(|t| t.numel()).sum()
+    }
+}
+
+/// Online methods keep one adapted state per variant: with `[corrupt]`, each corruption
+/// and severity is its own stream that starts from the source weights, as ImageNet-C
+/// evaluations adapt per corruption.
+///
+/// Hazard: every parked stream holds a device copy of the adapted parameters and the
+/// optimizer state; with many variants and a large model that is many model copies.
+pub struct VariantStreams {
+    live: Variant,
+    parked: HashMap<Variant, (Vec<Tensor>, OptimizerState)>,
+}
+
+impl Default for VariantStreams {
+    fn default() -> Self {
+        VariantStreams {
+            live: Variant::CLEAN,
+            parked: HashMap::new(),
+        }
+    }
+}
+
+impl VariantStreams {
+    /// Makes `to` the live stream: parks the live weights and optimizer state under the
+    /// live variant, then loads `to`'s, or `originals` and a fresh optimizer when `to`
+    /// has not been seen. A no-op when `to` is live.
+    pub fn switch(&mut self, to: Variant, params: &AdaptedParams, optimizer: &mut Optimizer, originals: &[Tensor]) {
+        if to == self.live {
+            return;
+        }
+        self.parked
+            .insert(self.live, (params.snapshot(), optimizer.take_state()));
+        match self.parked.remove(&to) {
+            Some((weights, state)) => {
+                params.restore(&weights);
+                optimizer.restore(state);
+            }
+            None => params.restore(originals),
+        }
+        self.live = to;
     }
 }
