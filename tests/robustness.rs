@@ -139,3 +139,25 @@ fn bad_corrupt_settings_name_the_key() {
         assert!(text(&o).contains(key), "{set}: {}", text(&o));
     }
 }
+
+#[test]
+fn online_diffusion_tta_keeps_a_stream_per_variant() {
+    // The demo denoiser has a parameter that never gets a gradient (its label table: the
+    // condition comes in as a vector), so its momentum buffer stays undefined; parking and
+    // rolling back a stream must cope with that.
+    let tmp = tempfile::tempdir().unwrap();
+    let shard = tmp.path().join("shard-000000.tar");
+    write_demo_shard(&shard, &demo_samples()[..12]);
+    let out = tmp.path().join("out");
+    let extra = format!(
+        "{CORRUPT}[tta]\nmethod = \"diffusion-tta\"\nmode = \"online\"\nsteps = 2\naccum = 1\nsamples_per_step = 4\n"
+    );
+    let pipeline = write_pipeline(tmp.path(), &shard.to_string_lossy(), &out.to_string_lossy(), &extra);
+    run(&pipeline, &[]);
+    let rows = variant_rows(&out);
+    assert_eq!(rows.len(), 12 * 5);
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("_commits/shard-000000.json")).unwrap()).unwrap();
+    assert_eq!(marker["method"], "diffusion-tta-online");
+    assert_eq!(marker["tally"]["by_variant"]["contrast/5"]["rows"], 12);
+}

@@ -27,9 +27,19 @@ impl OptimizerState {
     fn copy(&self) -> OptimizerState {
         OptimizerState {
             steps: self.steps,
-            first: self.first.iter().map(|t| t.copy()).collect(),
-            second: self.second.iter().map(|t| t.copy()).collect(),
+            first: self.first.iter().map(copy_defined).collect(),
+            second: self.second.iter().map(copy_defined).collect(),
         }
+    }
+}
+
+/// A device copy; an undefined tensor (the momentum buffer of a parameter that never had
+/// a gradient, e.g. a denoiser's unused label table) stays undefined: copying it would fail.
+fn copy_defined(t: &Tensor) -> Tensor {
+    if t.defined() {
+        t.copy()
+    } else {
+        Tensor::new()
     }
 }
 
