@@ -15,11 +15,13 @@ TOOLS := .tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
 AZURITE := $(TOOLS)/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: help setup build demo test check-python fmt clean
+.PHONY: help setup build demo test eval bench check-python fmt clean
 
 help:
 	@echo "make demo   set up, build, run the demo pipeline, summarize its output"
 	@echo "make test   set up, build, run every test"
+	@echo "make eval   robustness evaluation: every method under 15 corruptions (README, \"Does it work?\")"
+	@echo "make bench  the performance figures, each against its baseline (README, \"Performance\")"
 
 # Reuses an existing .venv; reinstalls only when tools/requirements.txt changes.
 $(STAMP): tools/requirements.txt
@@ -50,9 +52,33 @@ demo: build
 test: setup
 	$(CARGO) test --release -- --test-threads=2
 
+# Every method over the same samples (pipelines/robustness-eval.toml), one output per
+# method, then one table over all of them.
+EVAL_OUT := out/robustness
+eval: build
+	rm -rf $(EVAL_OUT)
+	for method in source tent diffusion-classifier diffusion-tta; do \
+	  $(BIN) run pipelines/robustness-eval.toml --no-progress \
+	    --set tta.method=$$method --set output.url=$(EVAL_OUT)/$$method/ || exit 1; \
+	done
+	$(BIN) run pipelines/robustness-eval.toml --no-progress \
+	  --set tta.mode=online --set output.url=$(EVAL_OUT)/diffusion-tta-online/
+	@echo
+	$(BIN) summarize $(EVAL_OUT)/
+
+bench: build
+	bench/run.sh
+
 fmt:
 	cargo fmt --all
 
 clean:
 	$(CARGO) clean
 	rm -rf out
+
+# Diffusion-TTA seconds per image, dtta against the Python reference loop, at real size on
+# a GPU (bench/gpu.sh: random-weight ConvNeXt-Tiny + DiT-XL/2 + SD VAE encoder, under
+# 8 minutes on an H100). BENCH_ARGS=--tiny runs the same script at tiny sizes on a CPU.
+.PHONY: bench-gpu
+bench-gpu: build
+	bench/gpu.sh $(BENCH_ARGS)
