@@ -120,23 +120,9 @@ def main():
     t_all = torch.randint(0, sched["steps"], (iters, n))
     eps_all = torch.randn(iters, n, *z0.shape[1:])
 
-    head, norm = set(cls_spec.get("head", [])), set(cls_spec.get("norm", []))
-    params = []
-    for name, p in classifier.named_parameters():
-        chosen = name not in head and (args.adapt != "norm" or name in norm)
-        p.requires_grad_(chosen)
-        if chosen:
-            params.append(("classifier." + name, p))
-    for name, p in denoiser.named_parameters():
-        chosen = args.adapt == "classifier+diffusion"
-        p.requires_grad_(chosen)
-        if chosen:
-            params.append(("denoiser." + name, p))
+    params = adapted_parameters(classifier, denoiser, cls_spec, args.adapt)
     tensors = [p for _, p in params]
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(tensors, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.AdamW(tensors, lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(tensors, args)
 
     with torch.no_grad():
         logits0 = classifier(x_cls)
@@ -182,6 +168,34 @@ def main():
 # ----------------------------------------------------------------------------------------
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def adapted_parameters(classifier, denoiser, cls_spec, adapt):
+    """(name, parameter) of what `adapt` selects, as dtta does; sets requires_grad on all.
+
+    The classifier's head never adapts; `norm` keeps only the bundle's norm affines;
+    `classifier+diffusion` adds every denoiser parameter.
+    """
+    head, norm = set(cls_spec.get("head", [])), set(cls_spec.get("norm", []))
+    params = []
+    for name, p in classifier.named_parameters():
+        chosen = name not in head and (adapt != "norm" or name in norm)
+        p.requires_grad_(chosen)
+        if chosen:
+            params.append(("classifier." + name, p))
+    for name, p in denoiser.named_parameters():
+        chosen = adapt == "classifier+diffusion"
+        p.requires_grad_(chosen)
+        if chosen:
+            params.append(("denoiser." + name, p))
+    return params
+
+
+def make_optimizer(tensors, args):
+    """torch.optim SGD (momentum, weight decay) or AdamW, from the command line."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(tensors, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(tensors, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def image_seed(seed, key):
@@ -322,24 +336,11 @@ def run_images(args):
     num_timesteps = diff["schedule"]["steps"]
     latent_scale = diff.get("latent_scale", 1.0)
 
-    head, norm = set(cls_spec.get("head", [])), set(cls_spec.get("norm", []))
-    tensors = []
-    for name, p in classifier.named_parameters():
-        chosen = name not in head and (args.adapt != "norm" or name in norm)
-        p.requires_grad_(chosen)
-        if chosen:
-            tensors.append(p)
-    for _, p in denoiser.named_parameters():
-        chosen = args.adapt == "classifier+diffusion"
-        p.requires_grad_(chosen)
-        if chosen:
-            tensors.append(p)
+    tensors = [p for _, p in adapted_parameters(classifier, denoiser, cls_spec, args.adapt)]
     originals = [p.detach().clone() for p in tensors]
 
     def new_optimizer():
-        if args.optimizer == "sgd":
-            return torch.optim.SGD(tensors, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        return torch.optim.AdamW(tensors, lr=args.lr, weight_decay=args.weight_decay)
+        return make_optimizer(tensors, args)
 
     samples = read_images(args.images)
     if not samples:
