@@ -131,19 +131,7 @@ def main():
     opt.zero_grad()
     for it in range(iters):
         t, eps = t_all[it], eps_all[it]
-        a = abar[t].view(n, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        logits = classifier(x_cls)  # re-run every iteration, eval mode
-        if topk is not None:
-            p = logits[:, topk].softmax(-1)
-            e = E[topk]
-        else:
-            p = logits.softmax(-1)
-            e = E
-        c = (p @ e.reshape(e.shape[0], -1)).reshape(1, *e.shape[1:]).expand(n, *e.shape[1:])
-        eps_hat = denoiser(z_t, t, c)[:, :C]
-        diff_ = eps_hat - eps
-        loss = (diff_.pow(2).mean() if args.loss == "mse" else diff_.abs().mean()) / args.accum
+        loss = iteration_loss(classifier, denoiser, x_cls, z0, t, eps, E, abar, topk, C, args)
         loss.backward()
         losses.append(loss.detach())
         if (it + 1) % args.accum == 0:
@@ -196,6 +184,22 @@ def make_optimizer(tensors, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(tensors, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     return torch.optim.AdamW(tensors, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def iteration_loss(classifier, denoiser, x, z0, t, eps, E, abar, topk, C, args):
+    """One iteration of the published loop: the classifier re-runs (eval mode), its
+    softmax (over `topk` when set) mixes the embeddings `E` into one condition for all
+    pairs, and the loss is the mean MSE (or L1) of the noise prediction over `accum`."""
+    n = t.shape[0]
+    logits = classifier(x)
+    chosen = logits[:, topk] if topk is not None else logits
+    p = chosen.float().softmax(-1)
+    e = E[topk] if topk is not None else E
+    c = (p @ e.reshape(e.shape[0], -1)).reshape(1, *e.shape[1:]).expand(n, *e.shape[1:])
+    a = abar[t].view(n, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    d = denoiser(z_t, t, c)[:, :C].float() - eps
+    return (d.pow(2).mean() if args.loss == "mse" else d.abs().mean()) / args.accum
 
 
 def image_seed(seed, key):
@@ -370,15 +374,7 @@ def run_images(args):
         for it in range(iters):
             t, eps = draw(n, z0.shape[1:], num_timesteps, args.timesteps, args.same_noise, device)
             with autocast():
-                logits = classifier(x)  # re-run every iteration, eval mode
-                chosen = logits[:, topk] if topk is not None else logits
-                p = chosen.float().softmax(-1)
-                e = E[topk] if topk is not None else E
-                c = (p @ e.reshape(e.shape[0], -1)).reshape(1, *e.shape[1:]).expand(n, *e.shape[1:])
-                a = abar[t].view(n, 1, 1, 1)
-                z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-                d = denoiser(z_t, t, c)[:, :C].float() - eps
-                loss = (d.pow(2).mean() if args.loss == "mse" else d.abs().mean()) / args.accum
+                loss = iteration_loss(classifier, denoiser, x, z0, t, eps, E, abar, topk, C, args)
             loss.backward()
             losses.append(loss.detach())
             if (it + 1) % args.accum == 0:
