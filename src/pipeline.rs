@@ -24,17 +24,16 @@ use object_store::ObjectStoreExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Method as MethodName;
 use crate::config::PipelineConfig;
 use crate::image::{prepare, DecodeLimits, Expansion, Prepared, Views};
 use crate::model::device::{self, DeviceSpec};
 use crate::model::{Bundle, BundleError};
-use crate::shards::{self, Defect, ReadLimits, Sample, SampleSink, ShardInput, Status};
+use crate::sample::{Defect, Sample, Status};
+use crate::shards::{self, ReadLimits, SampleReceiver, ShardInput};
 use crate::sink::commit::{self, CommitMarker, CommitResult};
 use crate::sink::{ShardWriter, SinkError, Tally};
 use crate::storage::{self, Location, ShardRef, StorageError, StoreOptions};
-use crate::tta::baselines::{DiffusionClassifier, Source, Tent};
-use crate::tta::engine::DiffusionTta;
+use crate::tta::methods::BuildError;
 use crate::tta::{Method, Outcome};
 use crate::worker::Worker;
 
@@ -44,6 +43,8 @@ pub enum PipelineError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Method(#[from] BuildError),
     #[error(transparent)]
     Device(#[from] device::DeviceError),
     #[error(transparent)]
@@ -88,7 +89,7 @@ pub async fn plan(config: &PipelineConfig, worker: Worker) -> Result<Plan, Pipel
     let options = store_options(config);
     let (input, mut listed) =
         storage::list_shards(&config.input.url, config.input.format.shard_extension(), &options).await?;
-    if config.input.format == crate::config::InputFormat::Folder {
+    if config.input.format == crate::shards::InputFormat::Folder {
         listed = shards::folder::group(listed, &config.input.folder);
         if listed.is_empty() {
             return Err(StorageError::NoMatch {
@@ -189,7 +190,7 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
         tch::set_num_threads(config.runtime.torch_threads as i32);
     }
     crate::tta::autocast::configure_cuda_math(device, config.runtime.tf32);
-    let method_name = config.tta.label();
+    let method_name = config.tta.method_column();
 
     let mut report = RunReport {
         run_id: run_id.clone(),
@@ -244,10 +245,10 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
         std::thread::Builder::new()
             .name("dtta-adapt".into())
             .spawn(move || -> Result<(), PipelineError> {
-                let method = match build_method(&bundle, device, &tta, seed, batch_size) {
+                let method = match crate::tta::methods::build(&bundle, device, &tta, seed, batch_size) {
                     Ok(method) => method,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e));
+                        let _ = ready_tx.send(Err(e.into()));
                         return Ok(());
                     }
                 };
@@ -348,36 +349,6 @@ fn peak_rss_mib() -> f64 {
     unsafe { usage.assume_init() }.ru_maxrss as f64 / 1024.0
 }
 
-/// Loads the models the configured method needs and builds it (on the adapt thread).
-fn build_method(
-    bundle: &Bundle,
-    device: tch::Device,
-    tta: &crate::config::TtaConfig,
-    seed: u64,
-    batch_size: usize,
-) -> Result<Box<dyn Method>, PipelineError> {
-    let classifier = bundle.load_classifier(device)?;
-    Ok(match tta.method {
-        MethodName::Source => Box::new(Source::new(classifier, batch_size, tta.topk)),
-        MethodName::Tent => Box::new(Tent::new(classifier, &tta.tent, batch_size, tta.topk)?),
-        MethodName::DiffusionClassifier => {
-            let diffusion = bundle.load_diffusion(device)?;
-            Box::new(DiffusionClassifier::new(
-                classifier,
-                diffusion,
-                &tta.diffusion_classifier,
-                seed,
-                tta.topk,
-                batch_size.max(64),
-            ))
-        }
-        MethodName::DiffusionTta => {
-            let diffusion = bundle.load_diffusion(device)?;
-            Box::new(DiffusionTta::new(classifier, diffusion, tta, seed)?)
-        }
-    })
-}
-
 /// Messages between stages. Control events keep their order relative to items of the
 /// same shard.
 enum Event<T> {
@@ -417,7 +388,7 @@ struct ChannelSink<'a> {
     closed: bool,
 }
 
-impl SampleSink for ChannelSink<'_> {
+impl SampleReceiver for ChannelSink<'_> {
     async fn accept(&mut self, sample: Sample) -> bool {
         let bytes = sample.image.as_ref().map_or(0, |b| b.len() as u64);
         let units = bytes.div_ceil(BUDGET_UNIT).max(1) as u32;

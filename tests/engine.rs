@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use dtta::config::{Adapt, Loss, Mode, OptimizerKind, TtaConfig};
 use dtta::model::Bundle;
 use dtta::storage::StoreOptions;
-use dtta::tta::engine::DiffusionTta;
+use dtta::tta::methods::DiffusionTta;
 use dtta::tta::schedule::ReplayNoise;
+use dtta::tta::{Adapt, Loss, Mode, OptimizerKind, TtaConfig};
 use tch::{Device, Kind, Tensor};
 
 fn python(args: &[&str]) {

@@ -63,92 +63,56 @@
 //! in rare cases round a value across a level boundary.
 
 use std::f64::consts::{PI, TAU};
-use std::fmt;
-use std::str::FromStr;
 
 use image::codecs::jpeg::JpegEncoder;
 use image::{ExtendedColorType, ImageFormat};
-use serde::{Deserialize, Serialize};
 
 use super::decode::{Channels, DecodedImage};
+pub use crate::sample::Corruption;
+use serde::{Deserialize, Serialize};
 
-/// One of the 15 ImageNet-C benchmark corruptions. Serialized as its snake_case name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Corruption {
-    GaussianNoise,
-    ShotNoise,
-    ImpulseNoise,
-    DefocusBlur,
-    GlassBlur,
-    MotionBlur,
-    ZoomBlur,
-    Snow,
-    Frost,
-    Fog,
-    Brightness,
-    Contrast,
-    ElasticTransform,
-    Pixelate,
-    JpegCompression,
+use crate::sample::Variant;
+/// `[corrupt]`: every input sample becomes one row per variant: `clean` (unless
+/// `clean = false`), then each kind at each severity, corrupted after decode
+/// (src/image/corrupt.rs). No corrupted copy of the data set is ever written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorruptConfig {
+    /// ImageNet-C corruption names; `["all"]` means all 15.
+    pub kinds: Vec<String>,
+    /// Severities in 1..=5.
+    pub severities: Vec<u8>,
+    /// Also emit the uncorrupted image (the `clean` variant).
+    #[serde(default = "yes")]
+    pub clean: bool,
 }
 
-impl Corruption {
-    /// All corruptions, in the benchmark's order (noise, blur, weather, digital).
-    pub const ALL: [Corruption; 15] = [
-        Corruption::GaussianNoise,
-        Corruption::ShotNoise,
-        Corruption::ImpulseNoise,
-        Corruption::DefocusBlur,
-        Corruption::GlassBlur,
-        Corruption::MotionBlur,
-        Corruption::ZoomBlur,
-        Corruption::Snow,
-        Corruption::Frost,
-        Corruption::Fog,
-        Corruption::Brightness,
-        Corruption::Contrast,
-        Corruption::ElasticTransform,
-        Corruption::Pixelate,
-        Corruption::JpegCompression,
-    ];
+fn yes() -> bool {
+    true
+}
 
-    /// The snake_case name, as in the ImageNet-C scripts and the serde form.
-    pub fn name(self) -> &'static str {
-        match self {
-            Corruption::GaussianNoise => "gaussian_noise",
-            Corruption::ShotNoise => "shot_noise",
-            Corruption::ImpulseNoise => "impulse_noise",
-            Corruption::DefocusBlur => "defocus_blur",
-            Corruption::GlassBlur => "glass_blur",
-            Corruption::MotionBlur => "motion_blur",
-            Corruption::ZoomBlur => "zoom_blur",
-            Corruption::Snow => "snow",
-            Corruption::Frost => "frost",
-            Corruption::Fog => "fog",
-            Corruption::Brightness => "brightness",
-            Corruption::Contrast => "contrast",
-            Corruption::ElasticTransform => "elastic_transform",
-            Corruption::Pixelate => "pixelate",
-            Corruption::JpegCompression => "jpeg_compression",
+impl CorruptConfig {
+    /// The parsed kinds, in config order (`all` expands to the ImageNet-C order).
+    pub fn corruptions(&self) -> Result<Vec<Corruption>, String> {
+        if self.kinds.iter().any(|k| k == "all") {
+            return Ok(Corruption::ALL.to_vec());
         }
+        self.kinds.iter().map(|k| k.parse::<Corruption>()).collect()
     }
-}
 
-impl fmt::Display for Corruption {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Corruption {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Corruption::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
-            let valid: Vec<&str> = Corruption::ALL.iter().map(|c| c.name()).collect();
-            format!("unknown corruption {s:?}; valid: {}", valid.join(", "))
-        })
+    /// The variants of one sample, in output order.
+    pub fn variants(&self) -> Vec<Variant> {
+        let kinds = self.corruptions().expect("validated");
+        let clean = self.clean.then_some(Variant::CLEAN);
+        clean
+            .into_iter()
+            .chain(kinds.into_iter().flat_map(|c| {
+                self.severities.iter().map(move |&severity| Variant {
+                    corruption: Some(c),
+                    severity,
+                })
+            }))
+            .collect()
     }
 }
 

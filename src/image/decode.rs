@@ -30,7 +30,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageReader};
 
-use crate::shards::{Defect, Status};
+use crate::sample::{Defect, Status};
 
 /// Channel layout the classifier wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

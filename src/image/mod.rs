@@ -7,9 +7,8 @@ pub mod corrupt;
 pub mod decode;
 pub mod preprocess;
 
-use crate::shards::{Defect, Sample, Status};
+use crate::sample::{Defect, Sample, Status, Variant};
 
-pub use corrupt::Corruption;
 pub use decode::{decode, Channels, DecodedImage};
 pub use preprocess::{ClassifierView, DiffusionView};
 
@@ -26,34 +25,6 @@ pub struct Prepared {
     pub gen_pixels: Option<Vec<f32>>,
     /// Status other than `ok` and its reason, if any.
     pub defect: Option<Defect>,
-}
-
-/// One presentation of a decoded image: as decoded (`corruption = None`, severity 0), or
-/// with an ImageNet-C corruption at a severity in 1..=5.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Variant {
-    pub corruption: Option<Corruption>,
-    pub severity: u8,
-}
-
-impl Variant {
-    pub const CLEAN: Variant = Variant {
-        corruption: None,
-        severity: 0,
-    };
-
-    /// The `corruption` column: the corruption's name, or `clean`.
-    pub fn corruption_name(self) -> &'static str {
-        self.corruption.map_or("clean", Corruption::name)
-    }
-
-    /// `clean`, or `<corruption>/<severity>`: the key of per-variant tallies.
-    pub fn label(self) -> String {
-        match self.corruption {
-            None => "clean".into(),
-            Some(c) => format!("{}/{}", c.name(), self.severity),
-        }
-    }
 }
 
 /// The variants every input sample expands into, in output order. Without a

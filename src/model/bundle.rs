@@ -11,9 +11,9 @@ use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use tch::{CModule, Device, Kind, Tensor};
 
+use super::schedule::{alphas_cumprod, ScheduleKind};
 use crate::image::{Channels, ClassifierView, DiffusionView};
 use crate::storage::{self, StoreOptions};
-use crate::tta::schedule::{alphas_cumprod, ScheduleKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {

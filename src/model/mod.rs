@@ -2,5 +2,6 @@
 
 pub mod bundle;
 pub mod device;
+pub mod schedule;
 
 pub use bundle::{Bundle, BundleError, Classifier, Diffusion};

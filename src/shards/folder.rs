@@ -11,9 +11,37 @@ use std::sync::Arc;
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
-use super::{Defect, ReadLimits, Sample, SampleSink, ShardError, ShardInput, Status};
-use crate::config::{FolderInputConfig, FolderLabels};
+use super::{ReadLimits, SampleReceiver, ShardError, ShardInput};
+use crate::sample::{Defect, Sample, Status};
 use crate::storage::{Member, ShardRef};
+use serde::{Deserialize, Serialize};
+/// Image files below a prefix (ImageFolder layout or flat).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FolderInputConfig {
+    pub labels: FolderLabels,
+    /// Images per shard (the unit of commit and resume), in sorted path order.
+    pub shard_size: usize,
+}
+
+impl Default for FolderInputConfig {
+    fn default() -> Self {
+        FolderInputConfig {
+            labels: FolderLabels::Parent,
+            shard_size: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FolderLabels {
+    /// ImageFolder: the class is the parent folder's name; classes are numbered in sorted
+    /// order of the names, as torchvision does.
+    Parent,
+    /// No labels.
+    None,
+}
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 /// Objects fetched concurrently within one folder shard.
@@ -67,7 +95,7 @@ pub fn group(listed: Vec<ShardRef>, cfg: &FolderInputConfig) -> Vec<ShardRef> {
 }
 
 /// Fetches the shard's images (a few at a time, in order) into `sink`.
-pub async fn read_shard<S: SampleSink>(
+pub async fn read_shard<S: SampleReceiver>(
     input: &ShardInput,
     limits: ReadLimits,
     sink: &mut S,

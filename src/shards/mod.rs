@@ -11,78 +11,52 @@ pub mod webdataset;
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use object_store::path::Path;
 use object_store::ObjectStore;
+use serde::{Deserialize, Serialize};
 
-/// Why a sample got no regular prediction, or what is off with it. Written as the
-/// `status` column; the names are part of the output contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Ok,
-    /// The image member could not be decoded (truncated, empty, not an image).
-    DecodeError,
-    /// The image member or its pixel count is over a configured limit.
-    TooLarge,
-    /// The sample has no member with an image extension.
-    NoImage,
-    /// A label member exists but does not hold a class index. Predicted anyway.
-    BadLabel,
-    /// `input.require_label` is set and the sample has no label. Predicted anyway.
-    MissingLabel,
-    /// Adaptation produced a NaN or infinite loss; the source prediction is kept and the
-    /// weights are restored.
-    Diverged,
+pub use folder::{FolderInputConfig, FolderLabels};
+pub use parquet::ParquetInputConfig;
+
+use crate::sample::Sample;
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Object-store URL or local path; may hold brace ranges and `*` globs.
+    pub url: String,
+    #[serde(default)]
+    pub format: InputFormat,
+    /// When true, a sample without a label gets status `missing_label` (it is still predicted).
+    #[serde(default)]
+    pub require_label: bool,
+    #[serde(default)]
+    pub parquet: ParquetInputConfig,
+    #[serde(default)]
+    pub folder: FolderInputConfig,
 }
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// Tar shards, samples grouped by key (WebDataset).
+    #[default]
+    Webdataset,
+    /// Parquet shards, one sample per row (Hugging Face datasets layout).
+    Parquet,
+    /// Image files below a prefix, grouped into shards of `folder.shard_size`.
+    Folder,
+}
+
+impl InputFormat {
+    /// File extension of this format's shards, used when the URL names a folder; empty
+    /// for `folder`, which lists every object and keeps the images.
+    pub fn shard_extension(self) -> &'static str {
         match self {
-            Status::Ok => "ok",
-            Status::DecodeError => "decode_error",
-            Status::TooLarge => "too_large",
-            Status::NoImage => "no_image",
-            Status::BadLabel => "bad_label",
-            Status::MissingLabel => "missing_label",
-            Status::Diverged => "diverged",
+            InputFormat::Webdataset => ".tar",
+            InputFormat::Parquet => ".parquet",
+            InputFormat::Folder => "",
         }
     }
-
-    /// Whether a sample with this status still gets a prediction.
-    pub fn is_predicted(self) -> bool {
-        matches!(
-            self,
-            Status::Ok | Status::BadLabel | Status::MissingLabel | Status::Diverged
-        )
-    }
-}
-
-/// A problem found with one sample: its status and a human-readable reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Defect {
-    pub status: Status,
-    pub message: String,
-}
-
-impl Defect {
-    pub fn new(status: Status, message: impl Into<String>) -> Self {
-        Defect {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-/// One sample as read from a shard, before decoding.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub key: String,
-    /// The encoded image, when the sample has one within the size limit.
-    pub image: Option<Bytes>,
-    pub label: Option<i64>,
-    /// The first problem found while reading this sample, if any.
-    pub defect: Option<Defect>,
 }
 
 /// Per-member limits readers enforce.
@@ -93,7 +67,7 @@ pub struct ReadLimits {
 
 /// Where readers hand samples. The pipeline implements it over a bounded channel, so
 /// `accept` waits when downstream is busy (backpressure).
-pub trait SampleSink: Send {
+pub trait SampleReceiver: Send {
     /// Hands on one sample; `false` means downstream is gone and reading should stop.
     fn accept(&mut self, sample: Sample) -> impl Future<Output = bool> + Send;
 }
@@ -132,15 +106,15 @@ pub struct ShardInput {
 
 /// Reads one shard of `format` into `sink`; returns the samples found (skipped ones
 /// included).
-pub async fn read_shard<S: SampleSink>(
-    format: &crate::config::InputConfig,
+pub async fn read_shard<S: SampleReceiver>(
+    format: &InputConfig,
     input: &ShardInput,
     limits: ReadLimits,
     sink: &mut S,
 ) -> Result<u64, ShardError> {
     match format.format {
-        crate::config::InputFormat::Webdataset => webdataset::read_shard(input, limits, sink).await,
-        crate::config::InputFormat::Parquet => parquet::read_shard(input, &format.parquet, limits, sink).await,
-        crate::config::InputFormat::Folder => folder::read_shard(input, limits, sink).await,
+        InputFormat::Webdataset => webdataset::read_shard(input, limits, sink).await,
+        InputFormat::Parquet => parquet::read_shard(input, &format.parquet, limits, sink).await,
+        InputFormat::Folder => folder::read_shard(input, limits, sink).await,
     }
 }

@@ -20,13 +20,35 @@ use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
-use super::{Defect, ReadLimits, Sample, SampleSink, ShardError, ShardInput, Status};
-use crate::config::ParquetInputConfig;
+use super::{ReadLimits, SampleReceiver, ShardError, ShardInput};
+use crate::sample::{Defect, Sample, Status};
+use serde::{Deserialize, Serialize};
+/// Columns of Parquet input, as the Hugging Face datasets layout names them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParquetInputConfig {
+    /// A struct column with `bytes` (and `path`), or a binary column.
+    pub image_column: String,
+    /// An integer column; empty for none.
+    pub label_column: String,
+    /// A string column naming each sample; empty: the image's `path`, else the row number.
+    pub key_column: String,
+}
+
+impl Default for ParquetInputConfig {
+    fn default() -> Self {
+        ParquetInputConfig {
+            image_column: "image".into(),
+            label_column: "label".into(),
+            key_column: String::new(),
+        }
+    }
+}
 
 /// Rows per record batch read.
 const BATCH_ROWS: usize = 64;
 
-pub async fn read_shard<S: SampleSink>(
+pub async fn read_shard<S: SampleReceiver>(
     input: &ShardInput,
     cfg: &ParquetInputConfig,
     limits: ReadLimits,

@@ -12,7 +12,8 @@ use object_store::ObjectStoreExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
 
-use super::{Defect, ReadLimits, Sample, SampleSink, ShardError, ShardInput, Status};
+use super::{ReadLimits, SampleReceiver, ShardError, ShardInput};
+use crate::sample::{Defect, Sample, Status};
 
 /// Extensions that carry the image, in order of preference within one sample.
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -21,7 +22,7 @@ const LABEL_EXTENSIONS: [&str; 3] = ["cls", "json", "txt"];
 
 /// Streams one shard from its store into `sink`; returns the samples found (skipped ones
 /// included).
-pub async fn read_shard<S: SampleSink>(
+pub async fn read_shard<S: SampleReceiver>(
     input: &ShardInput,
     limits: ReadLimits,
     sink: &mut S,
@@ -35,7 +36,7 @@ pub async fn read_shard<S: SampleSink>(
 pub async fn read_tar<R, S>(reader: R, skip: u64, limits: ReadLimits, sink: &mut S) -> Result<u64, ShardError>
 where
     R: AsyncRead + Unpin + Send,
-    S: SampleSink,
+    S: SampleReceiver,
 {
     let mut archive = tokio_tar::Archive::new(reader);
     let mut seen = 0u64;
@@ -234,7 +235,7 @@ mod tests {
     use super::*;
 
     struct Collect(Vec<Sample>);
-    impl SampleSink for Collect {
+    impl SampleReceiver for Collect {
         async fn accept(&mut self, sample: Sample) -> bool {
             self.0.push(sample);
             true

@@ -21,6 +21,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
+use crate::sample::Status;
 use crate::storage::Location;
 use crate::tta::Outcome;
 
@@ -54,7 +55,7 @@ pub struct Tally {
     pub correct_after: u64,
     /// Sum of `adapt_ms` over predicted rows.
     pub adapt_ms: f64,
-    /// The same counts per variant label (`clean`, `gaussian_noise/3`, ...), when the
+    /// The same counts per variant tag (`clean`, `gaussian_noise/3`, ...), when the
     /// run expands samples into corrupted variants; empty otherwise.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub by_variant: BTreeMap<String, Tally>,
@@ -63,7 +64,7 @@ pub struct Tally {
 impl Tally {
     pub fn add(&mut self, o: &Outcome, by_variant: bool) {
         if by_variant {
-            self.by_variant.entry(o.variant.label()).or_default().add(o, false);
+            self.by_variant.entry(o.variant.tag()).or_default().add(o, false);
         }
         self.rows += 1;
         *self.statuses.entry(o.status.as_str().to_string()).or_default() += 1;
@@ -100,15 +101,16 @@ impl Tally {
 
     /// Rows that got a prediction (ok, label problems, diverged with the source kept).
     pub fn predicted(&self) -> u64 {
-        ["ok", "bad_label", "missing_label", "diverged"]
+        Status::ALL
             .iter()
-            .map(|s| self.statuses.get(*s).copied().unwrap_or(0))
+            .filter(|s| s.is_predicted())
+            .map(|s| self.statuses.get(s.as_str()).copied().unwrap_or(0))
             .sum()
     }
 
     /// Rows whose status is not `ok`.
     pub fn not_ok(&self) -> u64 {
-        self.rows - self.statuses.get("ok").copied().unwrap_or(0)
+        self.rows - self.statuses.get(Status::Ok.as_str()).copied().unwrap_or(0)
     }
 }
 

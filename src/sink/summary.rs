@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::commit::read_markers;
 use super::{SinkError, Tally};
+use crate::sample::Variant;
 use crate::storage::{retrying, Location};
 
 /// One line of the table: a method, over all workers (`worker = None`) or one worker.
@@ -116,11 +117,12 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
             row.shards += 1;
             row.tally.merge(&m.tally);
         }
-        for (label, tally) in &m.tally.by_variant {
-            let (corruption, severity) = match label.split_once('/') {
-                Some((c, s)) => (c.to_string(), s.parse().unwrap_or(0)),
-                None => (label.clone(), 0),
-            };
+        for (tag, tally) in &m.tally.by_variant {
+            let variant: Variant = tag.parse().map_err(|e| SinkError::Corrupt {
+                path: format!("commit marker of shard {}", m.shard),
+                message: e,
+            })?;
+            let (corruption, severity) = (variant.corruption_name().to_string(), variant.severity);
             // Clean first, then by corruption name and severity.
             let order = u8::from(severity > 0);
             let row = variants

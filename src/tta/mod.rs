@@ -1,17 +1,24 @@
-//! Test-time adaptation methods. Each turns prepared samples into [`Outcome`]s on the
-//! thread that owns the models and the device.
+//! Test-time adaptation: the methods ([`methods`], one file each) and what they share:
+//! the [`Outcome`] row they produce, parameter selection and snapshots, optimizers,
+//! noise draws and autocast. Everything here runs on the one thread that owns the models
+//! and the device.
 
 pub mod autocast;
-pub mod baselines;
-pub mod engine;
+mod config;
+pub mod methods;
 pub mod optim;
 pub mod params;
 pub mod schedule;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::image::{Prepared, Variant};
-use crate::shards::{Defect, Status};
+use crate::image::Prepared;
+use crate::sample::{Defect, Status, Variant};
+pub use config::{
+    Adapt, DiffusionClassifierConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig, Timesteps,
+    TtaConfig,
+};
+pub use methods::Method;
 
 /// The result for one sample: one predictions row (without run-level columns), and the
 /// per-step metrics of adaptive methods.
@@ -135,27 +142,4 @@ impl Outcome {
     pub fn correct_before(&self) -> Option<bool> {
         Some(self.pred_before? == self.label?)
     }
-}
-
-/// Runs `adapt` on every sample that has both views, in order; the others get their
-/// status row. For the per-image methods.
-pub fn per_image(
-    batch: Vec<Prepared>,
-    mut adapt: impl FnMut(&Prepared, &[f32], &[f32]) -> Result<Outcome, tch::TchError>,
-) -> Result<Vec<Outcome>, tch::TchError> {
-    batch
-        .into_iter()
-        .map(|p| match (p.pixels.as_deref(), p.gen_pixels.as_deref()) {
-            (Some(pixels), Some(gen)) => adapt(&p, pixels, gen),
-            _ => Ok(Outcome::unpredicted(p)),
-        })
-        .collect()
-}
-
-/// A method as the adapt stage sees it.
-pub trait Method {
-    /// How many samples `run` would like at once (1 for per-image adaptation).
-    fn batch_size(&self) -> usize;
-    /// One outcome per input sample, in input order.
-    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError>;
 }

@@ -5,7 +5,7 @@
 
 use tch::Tensor;
 
-use crate::config::OptimizerKind;
+use super::config::OptimizerKind;
 
 pub struct Optimizer {
     kind: OptimizerKind,

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
 
+use super::config::Adapt;
 use super::optim::{Optimizer, OptimizerState};
-use crate::config::Adapt;
-use crate::image::Variant;
+use crate::sample::Variant;
 
 /// The adapted parameters of the classifier (and the denoiser).
 pub struct AdaptedParams {

@@ -2,15 +2,24 @@
 //!
 //! Invariant: every key is known. An unknown or mistyped key is an error that names
 //! the key and where it came from (the file, or the command line), never ignored.
+//!
+//! Each stage owns the types of its own section (`shards::InputConfig`,
+//! `tta::TtaConfig`, `image::corrupt::CorruptConfig`, ...); this module assembles them,
+//! loads and checks the file, and owns only the job-wide sections (output, model,
+//! runtime, limits).
 
-use std::fmt;
+mod units;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::image::{Corruption, Variant};
+use crate::image::corrupt::CorruptConfig;
+use crate::shards::InputConfig;
+use crate::tta::TtaConfig;
+pub use units::{ByteSize, HumanDuration};
 
 /// What went wrong while reading or checking a pipeline configuration.
 #[derive(Debug, thiserror::Error)]
@@ -47,140 +56,6 @@ pub struct PipelineConfig {
     pub corrupt: Option<CorruptConfig>,
 }
 
-/// `[corrupt]`: every input sample becomes one row per variant: `clean` (unless
-/// `clean = false`), then each kind at each severity, corrupted after decode
-/// (src/image/corrupt.rs). No corrupted copy of the data set is ever written.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CorruptConfig {
-    /// ImageNet-C corruption names; `["all"]` means all 15.
-    pub kinds: Vec<String>,
-    /// Severities in 1..=5.
-    pub severities: Vec<u8>,
-    /// Also emit the uncorrupted image (the `clean` variant).
-    #[serde(default = "yes")]
-    pub clean: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl CorruptConfig {
-    /// The parsed kinds, in config order (`all` expands to the ImageNet-C order).
-    pub fn corruptions(&self) -> Result<Vec<Corruption>, String> {
-        if self.kinds.iter().any(|k| k == "all") {
-            return Ok(Corruption::ALL.to_vec());
-        }
-        self.kinds.iter().map(|k| k.parse::<Corruption>()).collect()
-    }
-
-    /// The variants of one sample, in output order.
-    pub fn variants(&self) -> Vec<Variant> {
-        let kinds = self.corruptions().expect("validated");
-        let clean = self.clean.then_some(Variant::CLEAN);
-        clean
-            .into_iter()
-            .chain(kinds.into_iter().flat_map(|c| {
-                self.severities.iter().map(move |&severity| Variant {
-                    corruption: Some(c),
-                    severity,
-                })
-            }))
-            .collect()
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputConfig {
-    /// Object-store URL or local path; may hold brace ranges and `*` globs.
-    pub url: String,
-    #[serde(default)]
-    pub format: InputFormat,
-    /// When true, a sample without a label gets status `missing_label` (it is still predicted).
-    #[serde(default)]
-    pub require_label: bool,
-    #[serde(default)]
-    pub parquet: ParquetInputConfig,
-    #[serde(default)]
-    pub folder: FolderInputConfig,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InputFormat {
-    /// Tar shards, samples grouped by key (WebDataset).
-    #[default]
-    Webdataset,
-    /// Parquet shards, one sample per row (Hugging Face datasets layout).
-    Parquet,
-    /// Image files below a prefix, grouped into shards of `folder.shard_size`.
-    Folder,
-}
-
-impl InputFormat {
-    /// File extension of this format's shards, used when the URL names a folder; empty
-    /// for `folder`, which lists every object and keeps the images.
-    pub fn shard_extension(self) -> &'static str {
-        match self {
-            InputFormat::Webdataset => ".tar",
-            InputFormat::Parquet => ".parquet",
-            InputFormat::Folder => "",
-        }
-    }
-}
-
-/// Columns of Parquet input, as the Hugging Face datasets layout names them.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ParquetInputConfig {
-    /// A struct column with `bytes` (and `path`), or a binary column.
-    pub image_column: String,
-    /// An integer column; empty for none.
-    pub label_column: String,
-    /// A string column naming each sample; empty: the image's `path`, else the row number.
-    pub key_column: String,
-}
-
-impl Default for ParquetInputConfig {
-    fn default() -> Self {
-        ParquetInputConfig {
-            image_column: "image".into(),
-            label_column: "label".into(),
-            key_column: String::new(),
-        }
-    }
-}
-
-/// Image files below a prefix (ImageFolder layout or flat).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FolderInputConfig {
-    pub labels: FolderLabels,
-    /// Images per shard (the unit of commit and resume), in sorted path order.
-    pub shard_size: usize,
-}
-
-impl Default for FolderInputConfig {
-    fn default() -> Self {
-        FolderInputConfig {
-            labels: FolderLabels::Parent,
-            shard_size: 1000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FolderLabels {
-    /// ImageFolder: the class is the parent folder's name; classes are numbered in sorted
-    /// order of the names, as torchvision does.
-    Parent,
-    /// No labels.
-    None,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
@@ -193,198 +68,6 @@ pub struct OutputConfig {
 pub struct ModelConfig {
     /// Local folder or object-store URL of a model bundle (a folder with bundle.toml).
     pub bundle: String,
-}
-
-/// The method and its knobs. Defaults are the reference defaults of ALGORITHM.md.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TtaConfig {
-    pub method: Method,
-    /// How many classes `topk_after` lists per row.
-    pub topk: usize,
-    /// Optimizer steps per image.
-    pub steps: usize,
-    /// Iterations whose gradients accumulate into one step (iterations = steps * accum).
-    pub accum: usize,
-    /// (t, eps) pairs per iteration.
-    pub samples_per_step: usize,
-    pub timesteps: Timesteps,
-    /// One eps shared by all samples of an iteration.
-    pub same_noise: bool,
-    pub loss: Loss,
-    pub optimizer: OptimizerKind,
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    pub adapt: Adapt,
-    /// Restrict the condition mixture to the source top-K classes; 0 means all.
-    pub adapt_topk: usize,
-    pub mode: Mode,
-    pub precision: Precision,
-    /// Run the `accum * samples_per_step` pairs of a step as one batch, the classifier
-    /// once per step (same gradient as the reference's `accum` iterations, fewer passes).
-    pub fuse_accum: bool,
-    /// Largest denoiser batch when fusing; bounds device memory.
-    pub max_batch: usize,
-    pub tent: TentConfig,
-    pub diffusion_classifier: DiffusionClassifierConfig,
-}
-
-impl TtaConfig {
-    /// The `method` column and summary label: the method, with `-online` when
-    /// Diffusion-TTA runs in online mode (TENT is always online).
-    pub fn label(&self) -> &'static str {
-        match (self.method, self.mode) {
-            (Method::DiffusionTta, Mode::Online) => "diffusion-tta-online",
-            (method, _) => method.as_str(),
-        }
-    }
-}
-
-impl Default for TtaConfig {
-    fn default() -> Self {
-        TtaConfig {
-            method: Method::default(),
-            topk: 5,
-            steps: 5,
-            accum: 12,
-            samples_per_step: 15,
-            timesteps: Timesteps::Uniform,
-            same_noise: false,
-            loss: Loss::Mse,
-            optimizer: OptimizerKind::Sgd,
-            lr: 5e-3,
-            momentum: 0.9,
-            weight_decay: 0.0,
-            adapt: Adapt::ClassifierDiffusion,
-            adapt_topk: 0,
-            mode: Mode::Episodic,
-            precision: Precision::Fp32,
-            fuse_accum: true,
-            max_batch: 64,
-            tent: TentConfig::default(),
-            diffusion_classifier: DiffusionClassifierConfig::default(),
-        }
-    }
-}
-
-/// TENT: entropy minimisation over norm-layer affine parameters, online.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TentConfig {
-    pub lr: f64,
-    pub momentum: f64,
-}
-
-impl Default for TentConfig {
-    fn default() -> Self {
-        TentConfig {
-            lr: 1e-3,
-            momentum: 0.9,
-        }
-    }
-}
-
-/// Diffusion Classifier: predict the class whose condition gives the lowest loss.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DiffusionClassifierConfig {
-    /// (t, eps) pairs per class, shared by all classes.
-    pub samples: usize,
-    /// Keep only this many classes after a first pass; 0 means no pruning.
-    pub prune_to: usize,
-    /// Pairs of the first pass when pruning.
-    pub first_samples: usize,
-}
-
-impl Default for DiffusionClassifierConfig {
-    fn default() -> Self {
-        DiffusionClassifierConfig {
-            samples: 64,
-            prune_to: 0,
-            first_samples: 16,
-        }
-    }
-}
-
-/// Test-time adaptation methods of ALGORITHM.md.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    #[default]
-    Source,
-    Tent,
-    DiffusionClassifier,
-    DiffusionTta,
-}
-
-impl Method {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Source => "source",
-            Method::Tent => "tent",
-            Method::DiffusionClassifier => "diffusion-classifier",
-            Method::DiffusionTta => "diffusion-tta",
-        }
-    }
-
-    /// Whether the method needs the bundle's diffusion model.
-    pub fn needs_diffusion(self) -> bool {
-        matches!(self, Method::DiffusionClassifier | Method::DiffusionTta)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Timesteps {
-    /// Independent uniform draws from 0..T.
-    Uniform,
-    /// One random offset, then evenly spaced over 0..T.
-    Stratified,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Loss {
-    Mse,
-    L1,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    Sgd,
-    Adamw,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-pub enum Adapt {
-    /// Every classifier parameter except the head, plus every denoiser parameter.
-    #[serde(rename = "classifier+diffusion")]
-    ClassifierDiffusion,
-    /// Every classifier parameter except the head.
-    #[serde(rename = "classifier")]
-    Classifier,
-    /// Affine parameters of the classifier's norm layers only.
-    #[serde(rename = "norm")]
-    Norm,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Weights and optimizer state are restored after every image.
-    Episodic,
-    /// Adapted weights and optimizer state carry over from image to image.
-    Online,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    Fp32,
-    /// bf16 autocast with fp32 weights; CUDA only.
-    Bf16,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -442,6 +125,10 @@ impl Default for RuntimeConfig {
             worker_count: None,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_device() -> String {
@@ -666,120 +353,6 @@ fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(String, String)
     Ok((key.to_string(), arg.to_string()))
 }
 
-/// A byte count written as `512MiB`, `2GB`, `64k` or a plain integer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a byte size like 512MiB"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            other => {
-                return Err(format!(
-                    "unknown unit `{other}` in `{s}` (use B, KiB, MiB, GiB, KB, MB, GB)"
-                ))
-            }
-        };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("`{s}` is too large"))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0;
-        if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
-            write!(f, "{}GiB", n >> 30)
-        } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
-            write!(f, "{}MiB", n >> 20)
-        } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
-            write!(f, "{}KiB", n >> 10)
-        } else {
-            write!(f, "{n}B")
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-/// A duration written as `500ms`, `30s`, `5m` or `1h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl FromStr for HumanDuration {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s"))?;
-        let d = match unit.trim() {
-            "ms" => Duration::from_millis(n),
-            "s" | "" => Duration::from_secs(n),
-            "m" | "min" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s, m, h)")),
-        };
-        Ok(HumanDuration(d))
-    }
-}
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if ms.is_multiple_of(1000) {
-            write!(f, "{}s", ms / 1000)
-        } else {
-            write!(f, "{ms}ms")
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl Serialize for HumanDuration {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -803,8 +376,8 @@ bundle = "configs/bundles/demo-mnist"
         let c = load(BASE, &[]).unwrap();
         assert_eq!(c.runtime.device, "auto");
         assert_eq!(c.runtime.prefetch_bytes, ByteSize(512 << 20));
-        assert_eq!(c.tta.method, Method::Source);
-        assert_eq!(c.input.format, InputFormat::Webdataset);
+        assert_eq!(c.tta.method, crate::tta::MethodName::Source);
+        assert_eq!(c.input.format, crate::shards::InputFormat::Webdataset);
     }
 
     #[test]

@@ -13,14 +13,14 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::optim::Optimizer;
-use super::params::{AdaptedParams, VariantStreams};
-use super::schedule::{add_noise, NoiseSource, SeededNoise};
-use super::{per_image, predictions, Method, Outcome, Prediction, StepRecord};
-use crate::config::{Loss, Mode, Precision, TtaConfig};
+use super::{per_image, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
-use crate::shards::Status;
+use crate::sample::Status;
+use crate::tta::optim::Optimizer;
+use crate::tta::params::{AdaptedParams, VariantStreams};
+use crate::tta::schedule::{add_noise, NoiseSource, SeededNoise};
+use crate::tta::{predictions, Loss, Mode, Outcome, Precision, Prediction, StepRecord, TtaConfig};
 
 /// The knobs of the loop, from `[tta]`.
 #[derive(Debug, Clone)]
@@ -90,7 +90,7 @@ impl DiffusionTta {
         seed: u64,
     ) -> Result<Self, tch::TchError> {
         if cfg.precision == Precision::Bf16 {
-            super::autocast::check_supported(classifier.device)?;
+            crate::tta::autocast::check_supported(classifier.device)?;
         }
         let params = AdaptedParams::select(
             classifier.named_parameters()?,
@@ -346,7 +346,7 @@ impl DiffusionTta {
 
     fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
         if self.knobs.precision == Precision::Bf16 {
-            super::autocast::bf16(f)
+            crate::tta::autocast::bf16(f)
         } else {
             f()
         }

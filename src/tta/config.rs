@@ -1,0 +1,195 @@
+//! `[tta]`: the method and its knobs, owned by the methods that read them.
+
+use serde::{Deserialize, Serialize};
+
+/// The method and its knobs. Defaults are the reference defaults of ALGORITHM.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TtaConfig {
+    pub method: MethodName,
+    /// How many classes `topk_after` lists per row.
+    pub topk: usize,
+    /// Optimizer steps per image.
+    pub steps: usize,
+    /// Iterations whose gradients accumulate into one step (iterations = steps * accum).
+    pub accum: usize,
+    /// (t, eps) pairs per iteration.
+    pub samples_per_step: usize,
+    pub timesteps: Timesteps,
+    /// One eps shared by all samples of an iteration.
+    pub same_noise: bool,
+    pub loss: Loss,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub adapt: Adapt,
+    /// Restrict the condition mixture to the source top-K classes; 0 means all.
+    pub adapt_topk: usize,
+    pub mode: Mode,
+    pub precision: Precision,
+    /// Run the `accum * samples_per_step` pairs of a step as one batch, the classifier
+    /// once per step (same gradient as the reference's `accum` iterations, fewer passes).
+    pub fuse_accum: bool,
+    /// Largest denoiser batch when fusing; bounds device memory.
+    pub max_batch: usize,
+    pub tent: TentConfig,
+    pub diffusion_classifier: DiffusionClassifierConfig,
+}
+
+impl TtaConfig {
+    /// The `method` column and summary label: the method, with `-online` when
+    /// Diffusion-TTA runs in online mode (TENT is always online).
+    pub fn method_column(&self) -> &'static str {
+        match (self.method, self.mode) {
+            (MethodName::DiffusionTta, Mode::Online) => "diffusion-tta-online",
+            (method, _) => method.as_str(),
+        }
+    }
+}
+
+impl Default for TtaConfig {
+    fn default() -> Self {
+        TtaConfig {
+            method: MethodName::default(),
+            topk: 5,
+            steps: 5,
+            accum: 12,
+            samples_per_step: 15,
+            timesteps: Timesteps::Uniform,
+            same_noise: false,
+            loss: Loss::Mse,
+            optimizer: OptimizerKind::Sgd,
+            lr: 5e-3,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            adapt: Adapt::ClassifierDiffusion,
+            adapt_topk: 0,
+            mode: Mode::Episodic,
+            precision: Precision::Fp32,
+            fuse_accum: true,
+            max_batch: 64,
+            tent: TentConfig::default(),
+            diffusion_classifier: DiffusionClassifierConfig::default(),
+        }
+    }
+}
+
+/// TENT: entropy minimisation over norm-layer affine parameters, online.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TentConfig {
+    pub lr: f64,
+    pub momentum: f64,
+}
+
+impl Default for TentConfig {
+    fn default() -> Self {
+        TentConfig {
+            lr: 1e-3,
+            momentum: 0.9,
+        }
+    }
+}
+
+/// Diffusion Classifier: predict the class whose condition gives the lowest loss.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionClassifierConfig {
+    /// (t, eps) pairs per class, shared by all classes.
+    pub samples: usize,
+    /// Keep only this many classes after a first pass; 0 means no pruning.
+    pub prune_to: usize,
+    /// Pairs of the first pass when pruning.
+    pub first_samples: usize,
+}
+
+impl Default for DiffusionClassifierConfig {
+    fn default() -> Self {
+        DiffusionClassifierConfig {
+            samples: 64,
+            prune_to: 0,
+            first_samples: 16,
+        }
+    }
+}
+
+/// Test-time adaptation methods of ALGORITHM.md.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MethodName {
+    #[default]
+    Source,
+    Tent,
+    DiffusionClassifier,
+    DiffusionTta,
+}
+
+impl MethodName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodName::Source => "source",
+            MethodName::Tent => "tent",
+            MethodName::DiffusionClassifier => "diffusion-classifier",
+            MethodName::DiffusionTta => "diffusion-tta",
+        }
+    }
+
+    /// Whether the method needs the bundle's diffusion model.
+    pub fn needs_diffusion(self) -> bool {
+        matches!(self, MethodName::DiffusionClassifier | MethodName::DiffusionTta)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Timesteps {
+    /// Independent uniform draws from 0..T.
+    Uniform,
+    /// One random offset, then evenly spaced over 0..T.
+    Stratified,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    Mse,
+    L1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Adapt {
+    /// Every classifier parameter except the head, plus every denoiser parameter.
+    #[serde(rename = "classifier+diffusion")]
+    ClassifierDiffusion,
+    /// Every classifier parameter except the head.
+    #[serde(rename = "classifier")]
+    Classifier,
+    /// Affine parameters of the classifier's norm layers only.
+    #[serde(rename = "norm")]
+    Norm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Weights and optimizer state are restored after every image.
+    Episodic,
+    /// Adapted weights and optimizer state carry over from image to image.
+    Online,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast with fp32 weights; CUDA only.
+    Bf16,
+}

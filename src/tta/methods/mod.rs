@@ -1,0 +1,112 @@
+//! The methods of ALGORITHM.md side by side, one file each, behind one [`Method`] trait,
+//! and [`build`], which loads the models a configured method needs.
+
+mod diffusion_classifier;
+mod diffusion_tta;
+mod source;
+mod tent;
+
+pub use diffusion_classifier::DiffusionClassifier;
+pub use diffusion_tta::{Adapted, DiffusionTta, Knobs};
+pub use source::Source;
+pub use tent::Tent;
+
+use tch::Device;
+
+use super::{MethodName, Outcome, Prediction, TtaConfig};
+use crate::image::Prepared;
+use crate::model::{Bundle, BundleError};
+
+/// Runs `adapt` on every sample that has both views, in order; the others get their
+/// status row. For the per-image methods.
+pub fn per_image(
+    batch: Vec<Prepared>,
+    mut adapt: impl FnMut(&Prepared, &[f32], &[f32]) -> Result<Outcome, tch::TchError>,
+) -> Result<Vec<Outcome>, tch::TchError> {
+    batch
+        .into_iter()
+        .map(|p| match (p.pixels.as_deref(), p.gen_pixels.as_deref()) {
+            (Some(pixels), Some(gen)) => adapt(&p, pixels, gen),
+            _ => Ok(Outcome::unpredicted(p)),
+        })
+        .collect()
+}
+
+/// A method as the adapt stage sees it.
+pub trait Method {
+    /// How many samples `run` would like at once (1 for per-image adaptation).
+    fn batch_size(&self) -> usize;
+    /// One outcome per input sample, in input order.
+    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError>;
+}
+
+/// Why a configured method could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("{method} cannot run with this bundle and config: {source}")]
+    Unsupported {
+        method: &'static str,
+        source: tch::TchError,
+    },
+}
+
+/// Loads the models the configured method needs and builds it. Call it on the thread
+/// that will run the method: tch modules stay on the thread that owns the device.
+pub fn build(
+    bundle: &Bundle,
+    device: Device,
+    tta: &TtaConfig,
+    seed: u64,
+    batch_size: usize,
+) -> Result<Box<dyn Method>, BuildError> {
+    let unsupported = |source| BuildError::Unsupported {
+        method: tta.method_column(),
+        source,
+    };
+    let classifier = bundle.load_classifier(device)?;
+    Ok(match tta.method {
+        MethodName::Source => Box::new(Source::new(classifier, batch_size, tta.topk)),
+        MethodName::Tent => Box::new(Tent::new(classifier, &tta.tent, batch_size, tta.topk).map_err(unsupported)?),
+        MethodName::DiffusionClassifier => {
+            let diffusion = bundle.load_diffusion(device)?;
+            Box::new(DiffusionClassifier::new(
+                classifier,
+                diffusion,
+                &tta.diffusion_classifier,
+                seed,
+                tta.topk,
+                batch_size.max(64),
+            ))
+        }
+        MethodName::DiffusionTta => {
+            let diffusion = bundle.load_diffusion(device)?;
+            Box::new(DiffusionTta::new(classifier, diffusion, tta, seed).map_err(unsupported)?)
+        }
+    })
+}
+
+/// Splits a batch into the images to run and their positions.
+fn predicted_images(batch: &[Prepared]) -> Vec<&[f32]> {
+    batch.iter().filter_map(|p| p.pixels.as_deref()).collect()
+}
+
+/// Assembles outcomes in input order from per-image predictions of the predicted rows.
+fn assemble(batch: Vec<Prepared>, before: Vec<Prediction>, after: Vec<Prediction>, per_image_ms: f64) -> Vec<Outcome> {
+    let mut before = before.into_iter();
+    let mut after = after.into_iter();
+    batch
+        .into_iter()
+        .map(|p| {
+            if p.pixels.is_none() {
+                return Outcome::unpredicted(p);
+            }
+            let mut o = Outcome::blank(p.key, p.label, p.defect);
+            o.set_before(&before.next().expect("one prediction per image"));
+            o.set_after(after.next().expect("one prediction per image"));
+            o.adapt_ms = per_image_ms;
+            o
+        })
+        .collect()
+}

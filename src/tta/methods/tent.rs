@@ -1,0 +1,95 @@
+//! `tent`: online entropy minimisation over the norm layers' affine parameters
+//! (Wang et al., ICLR 2021).
+
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+
+use super::{assemble, predicted_images, Method};
+use crate::image::Prepared;
+use crate::model::Classifier;
+use crate::tta::optim::Optimizer;
+use crate::tta::params::{AdaptedParams, VariantStreams};
+use crate::tta::{predictions, Adapt, OptimizerKind, Outcome, TentConfig};
+
+/// TENT: online; each batch is predicted in train mode (batch statistics) and then used
+/// for one entropy-minimisation step on the norm layers' affine parameters. With
+/// variants, each variant is its own stream of affine parameters and optimizer state.
+///
+/// Hazard: train-mode passes also update the BatchNorm running statistics (TorchScript
+/// buffers, which tch cannot snapshot), and `pred_before` (eval mode) reads them, so
+/// `pred_before` drifts with every batch of every stream; `pred_after` does not use them.
+pub struct Tent {
+    classifier: Classifier,
+    params: AdaptedParams,
+    /// The source values of `params`: where a new variant stream starts.
+    originals: Vec<Tensor>,
+    streams: VariantStreams,
+    optimizer: Optimizer,
+    batch_size: usize,
+    topk: usize,
+}
+
+impl Tent {
+    pub fn new(
+        classifier: Classifier,
+        cfg: &TentConfig,
+        batch_size: usize,
+        topk: usize,
+    ) -> Result<Self, tch::TchError> {
+        if classifier.norm.is_empty() {
+            return Err(tch::TchError::Kind(
+                "tent adapts norm-layer affine parameters, but the bundle lists none (classifier.norm)".into(),
+            ));
+        }
+        let params = AdaptedParams::select(
+            classifier.named_parameters()?,
+            Vec::new(),
+            Adapt::Norm,
+            &classifier.head,
+            &classifier.norm,
+        );
+        Ok(Tent {
+            classifier,
+            originals: params.snapshot(),
+            streams: VariantStreams::default(),
+            params,
+            optimizer: Optimizer::new(OptimizerKind::Sgd, cfg.lr, cfg.momentum, 0.0),
+            batch_size,
+            topk,
+        })
+    }
+}
+
+impl Method for Tent {
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+        let started = Instant::now();
+        let images = predicted_images(&batch);
+        if images.is_empty() {
+            return Ok(assemble(batch, Vec::new(), Vec::new(), 0.0));
+        }
+        // The adapt stage never mixes variants in a batch.
+        self.streams
+            .switch(batch[0].variant, &self.params, &mut self.optimizer, &self.originals);
+        let x = self.classifier.batch_from(&images);
+        // The unadapted model's view, for pred_before.
+        self.classifier.set_eval();
+        let source = tch::no_grad(|| self.classifier.logits(&x))?;
+        self.classifier.set_train();
+        let logits = self.classifier.logits(&x)?;
+        let p = logits.softmax(-1, Kind::Float);
+        let entropy = -(&p * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
+        entropy.mean(Kind::Float).backward();
+        self.optimizer.step(&self.params.tensors);
+        self.params.zero_grad();
+        self.classifier.set_eval();
+        let before = predictions(&source, self.topk)?;
+        let after = predictions(&logits, self.topk)?;
+        let ms = started.elapsed().as_secs_f64() * 1e3 / images.len() as f64;
+        Ok(assemble(batch, before, after, ms))
+    }
+}
