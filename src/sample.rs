@@ -81,6 +81,24 @@ impl Defect {
             message: message.into(),
         }
     }
+
+    /// The `decode_error` of a sample whose `what` (decoder, corruption) panicked, with
+    /// the panic's message: the sample loses its pixels, not its row.
+    pub fn from_panic(what: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        Defect::new(
+            Status::DecodeError,
+            format!("{what} panicked: {}", panic_message(payload)),
+        )
+    }
+}
+
+/// The message of a caught panic (`panic!` with a string literal or a formatted one).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
 }
 
 /// One sample as read from a shard, before decoding.

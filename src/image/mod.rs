@@ -7,6 +7,8 @@ pub mod corrupt;
 pub mod decode;
 pub mod preprocess;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use crate::sample::{Defect, Sample, Status, Variant};
 
 pub use decode::{decode, Channels, DecodedImage};
@@ -74,7 +76,8 @@ impl Views {
 }
 
 /// Decodes one sample once and prepares every variant of it, in `expansion` order.
-/// Never fails: problems become the defect, repeated on each variant's row.
+/// Never fails and never panics: problems (a panic in a decoder or a corruption
+/// included) become the defect of the rows they concern.
 pub fn prepare(
     sample: Sample,
     views: &Views,
@@ -92,16 +95,19 @@ pub fn prepare(
     if let Some(bytes) = image.filter(|_| defect.as_ref().is_none_or(|d| d.status.is_predicted())) {
         // Corruptions are defined on the full-scale image; otherwise large JPEGs may be
         // decoded at a reduced DCT scale that still covers both views.
-        let result = if expansion.corrupts() {
-            decode(&bytes, views.decode_channels(), limits.max_pixels)
-        } else {
-            decode::decode_for_view(
-                &bytes,
-                views.decode_channels(),
-                limits.max_pixels,
-                views.classifier.needed_short_side(views.diffusion.as_ref()),
-            )
-        };
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if expansion.corrupts() {
+                decode(&bytes, views.decode_channels(), limits.max_pixels)
+            } else {
+                decode::decode_for_view(
+                    &bytes,
+                    views.decode_channels(),
+                    limits.max_pixels,
+                    views.classifier.needed_short_side(views.diffusion.as_ref()),
+                )
+            }
+        }))
+        .unwrap_or_else(|panic| Err(Defect::from_panic("the image decoder", panic.as_ref())));
         match result {
             Ok(img) => decoded = Some(img),
             // An image problem outranks a label problem.
@@ -118,22 +124,35 @@ pub fn prepare(
         .variants
         .iter()
         .map(|&variant| {
-            let corrupted;
-            let img = match (&decoded, variant.corruption) {
-                (Some(img), Some(kind)) => {
-                    let seed = corrupt::variant_seed(expansion.seed, &key, kind, variant.severity);
-                    corrupted = corrupt::corrupt(img, kind, variant.severity, seed);
-                    Some(&corrupted)
+            // A panic in one variant's corruption or resize costs that variant's pixels.
+            let views_of = || {
+                let corrupted;
+                let img = match (&decoded, variant.corruption) {
+                    (Some(img), Some(kind)) => {
+                        let seed = corrupt::variant_seed(expansion.seed, &key, kind, variant.severity);
+                        corrupted = corrupt::corrupt(img, kind, variant.severity, seed);
+                        Some(&corrupted)
+                    }
+                    (img, _) => img.as_ref(),
+                };
+                let pixels = img.map(|img| views.classifier.apply(img));
+                let gen = img.and_then(|img| views.diffusion.as_ref().map(|d| d.apply(img, &views.classifier)));
+                (pixels, gen)
+            };
+            let (pixels, gen_pixels, defect) = match catch_unwind(AssertUnwindSafe(views_of)) {
+                Ok((pixels, gen)) => (pixels, gen, defect.clone()),
+                Err(panic) => {
+                    let what = format!("preparing the {} variant", variant.tag());
+                    (None, None, Some(Defect::from_panic(&what, panic.as_ref())))
                 }
-                (img, _) => img.as_ref(),
             };
             Prepared {
                 key: key.clone(),
                 label,
                 variant,
-                pixels: img.map(|img| views.classifier.apply(img)),
-                gen_pixels: img.and_then(|img| views.diffusion.as_ref().map(|d| d.apply(img, &views.classifier))),
-                defect: defect.clone(),
+                pixels,
+                gen_pixels,
+                defect,
             }
         })
         .collect()

@@ -10,7 +10,8 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use super::{SinkError, Tally};
-use crate::storage::{retrying, Location};
+use crate::storage::retry::retry;
+use crate::storage::{self, retrying, Backoff, Location};
 
 /// The proof that a shard is done, and what it produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,12 +43,10 @@ fn marker_relative(shard: &str) -> String {
     format!("_commits/{shard}.json")
 }
 
-/// Attempts at creating a marker. The store client does not retry a conditional create
-/// whose request may have reached the server (it is not idempotent); this loop may,
-/// because a marker found afterwards is checked for being our own.
-const COMMIT_ATTEMPTS: u32 = 6;
-
-/// Creates the shard's marker unless one exists.
+/// Creates the shard's marker unless one exists. The store client does not retry a
+/// conditional create whose request may have reached the server (it is not idempotent);
+/// this does, with [`Backoff::COMMIT`], because a marker found afterwards is checked for
+/// being our own.
 ///
 /// Hazard: a create whose response was lost, when tried again, finds the marker it wrote
 /// itself. The existing marker's run id tells the two apart, so a run never mistakes its
@@ -55,33 +54,32 @@ const COMMIT_ATTEMPTS: u32 = 6;
 pub async fn commit(out: &Location, marker: &CommitMarker) -> Result<CommitResult, SinkError> {
     let rel = marker_relative(&marker.shard);
     let body = PutPayload::from(serde_json::to_vec_pretty(marker).expect("markers serialize"));
-    let mut attempt = 1;
-    loop {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match out.store.put_opts(&out.child(&rel), body.clone(), opts).await {
-            Ok(_) => return Ok(CommitResult::Committed),
-            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
-                return match read_marker(out, &marker.shard).await?.run_id == marker.run_id {
-                    true => Ok(CommitResult::Committed),
-                    false => Ok(CommitResult::AlreadyCommitted),
-                };
-            }
-            Err(source) if attempt >= COMMIT_ATTEMPTS => {
-                return Err(SinkError::Store {
-                    path: out.display_child(&rel),
-                    source,
-                })
-            }
-            Err(e) => {
-                let wait = std::time::Duration::from_millis(200 << attempt);
-                tracing::warn!(shard = %marker.shard, "commit attempt {attempt}/{COMMIT_ATTEMPTS} failed ({e}); again in {wait:?}");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
+    let path = out.child(&rel);
+    let created = retry(
+        &format!("committing shard {}", marker.shard),
+        Backoff::COMMIT,
+        storage::is_final,
+        || {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            out.store.put_opts(&path, body.clone(), opts)
+        },
+    )
+    .await;
+    match created {
+        Ok(_) => Ok(CommitResult::Committed),
+        Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+            match read_marker(out, &marker.shard).await?.run_id == marker.run_id {
+                true => Ok(CommitResult::Committed),
+                false => Ok(CommitResult::AlreadyCommitted),
             }
         }
+        Err(source) => Err(SinkError::Store {
+            path: out.display_child(&rel),
+            source,
+        }),
     }
 }
 

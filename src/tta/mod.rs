@@ -115,11 +115,12 @@ impl Outcome {
     }
 
     /// The row of a sample that gets no prediction; keeps its label and reason.
-    pub fn unpredicted(p: Prepared) -> Outcome {
+    pub fn unpredicted(p: &Prepared) -> Outcome {
         let defect = p
             .defect
+            .clone()
             .unwrap_or_else(|| Defect::new(Status::DecodeError, "no pixels"));
-        Outcome::blank(p.key, p.label, Some(defect))
+        Outcome::blank(p.key.clone(), p.label, Some(defect))
     }
 
     pub fn set_before(&mut self, p: &Prediction) {

@@ -64,20 +64,24 @@ impl Optimizer {
 
     /// One update from the parameters' accumulated gradients. Parameters without a
     /// gradient are left alone (as torch does).
-    pub fn step(&mut self, params: &[Tensor]) {
+    ///
+    /// Errors are libtorch's (device out of memory); the parameters may then be partly
+    /// updated, so the caller restores a snapshot before going on.
+    pub fn step(&mut self, params: &[Tensor]) -> Result<(), tch::TchError> {
         tch::no_grad(|| match self.kind {
             OptimizerKind::Sgd => self.sgd(params),
             OptimizerKind::Adamw => self.adamw(params),
-        });
+        })?;
         self.state.steps += 1;
+        Ok(())
     }
 
-    fn sgd(&mut self, params: &[Tensor]) {
+    fn sgd(&mut self, params: &[Tensor]) -> Result<(), tch::TchError> {
         if self.state.first.len() != params.len() {
             self.state.first = params.iter().map(|_| Tensor::new()).collect();
         }
         for (p, buf) in params.iter().zip(self.state.first.iter_mut()) {
-            let g = p.grad();
+            let g = p.f_grad()?;
             if !g.defined() {
                 continue;
             }
@@ -88,20 +92,18 @@ impl Optimizer {
             };
             if self.momentum != 0.0 {
                 if buf.defined() {
-                    let _ = buf
-                        .f_mul_scalar_(self.momentum)
-                        .and_then(|mut b| b.f_add_(&d))
-                        .expect("same shape");
+                    let _ = buf.f_mul_scalar_(self.momentum)?.f_add_(&d)?;
                 } else {
                     *buf = d.copy(); // torch: buf = clone(d_p) on the first step
                 }
                 d = buf.shallow_clone();
             }
-            let _ = p.shallow_clone().f_sub_(&(d * self.lr)).expect("same shape");
+            let _ = p.shallow_clone().f_sub_(&(d * self.lr))?;
         }
+        Ok(())
     }
 
-    fn adamw(&mut self, params: &[Tensor]) {
+    fn adamw(&mut self, params: &[Tensor]) -> Result<(), tch::TchError> {
         if self.state.steps == 0 {
             self.state.first = params.iter().map(|p| p.zeros_like()).collect();
             self.state.second = params.iter().map(|p| p.zeros_like()).collect();
@@ -111,20 +113,18 @@ impl Optimizer {
         let bias2 = 1.0 - BETA2.powi(step);
         let moments = self.state.first.iter_mut().zip(self.state.second.iter_mut());
         for (p, (m, v)) in params.iter().zip(moments) {
-            let g = p.grad();
+            let g = p.f_grad()?;
             if !g.defined() {
                 continue;
             }
             let mut p = p.shallow_clone();
-            let _ = p.f_mul_scalar_(1.0 - self.lr * self.weight_decay).expect("in place");
-            let _ = m.f_lerp_(&g, 1.0 - BETA1).expect("same shape");
-            let _ = v
-                .f_mul_scalar_(BETA2)
-                .and_then(|mut v| v.f_add_(&(&g * &g * (1.0 - BETA2))))
-                .expect("same shape");
-            let denom = (v.sqrt() / bias2.sqrt()) + ADAM_EPS;
-            let _ = p.f_addcdiv_(&(&*m * (-self.lr / bias1)), &denom).expect("same shape");
+            let _ = p.f_mul_scalar_(1.0 - self.lr * self.weight_decay)?;
+            let _ = m.f_lerp_(&g, 1.0 - BETA1)?;
+            let _ = v.f_mul_scalar_(BETA2)?.f_add_(&(&g * &g * (1.0 - BETA2)))?;
+            let denom = (v.f_sqrt()? / bias2.sqrt()) + ADAM_EPS;
+            let _ = p.f_addcdiv_(&(&*m * (-self.lr / bias1)), &denom)?;
         }
+        Ok(())
     }
 
     /// A device copy of the state (for online mode's divergence rollback).
@@ -166,7 +166,7 @@ mod tests {
         let mut buf = [0.0f64; 2];
         for step in 0..3 {
             quadratic_grad(&p);
-            opt.step(std::slice::from_ref(&p));
+            opt.step(std::slice::from_ref(&p)).unwrap();
             p.zero_grad();
             for i in 0..2 {
                 let g = expected[i];
@@ -185,7 +185,7 @@ mod tests {
         let (mut x, mut m, mut v) = (0.5f64, 0.0f64, 0.0f64);
         for step in 1..=4 {
             quadratic_grad(&p);
-            opt.step(std::slice::from_ref(&p));
+            opt.step(std::slice::from_ref(&p)).unwrap();
             p.zero_grad();
             let g = x;
             x *= 1.0 - 0.01 * 0.1;

@@ -86,7 +86,7 @@ impl Method for DiffusionClassifier {
         1
     }
 
-    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+    fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
         per_image(batch, |p, pixels, gen| {
             let started = Instant::now();
             let device = self.diffusion.device;

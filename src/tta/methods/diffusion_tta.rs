@@ -17,7 +17,7 @@ use super::{per_image, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
 use crate::sample::Status;
-use crate::tta::optim::Optimizer;
+use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, NoiseSource, SeededNoise};
 use crate::tta::{predictions, Loss, Mode, Outcome, Precision, Prediction, StepRecord, TtaConfig};
@@ -80,6 +80,9 @@ pub struct DiffusionTta {
     knobs: Knobs,
     /// Online mode: one adapted state per variant stream.
     streams: VariantStreams,
+    /// Online mode: the weights and optimizer state before the current image, restored
+    /// when it diverges or fails.
+    rollback: Option<(Vec<Tensor>, OptimizerState)>,
 }
 
 impl DiffusionTta {
@@ -126,6 +129,7 @@ impl DiffusionTta {
             noise,
             knobs: Knobs::from_config(cfg),
             streams: VariantStreams::default(),
+            rollback: None,
         })
     }
 
@@ -167,8 +171,9 @@ impl DiffusionTta {
             let kk = (k.adapt_topk as i64).min(logits0.size()[1]);
             logits0.topk(kk, -1, true, true).1.squeeze_dim(0)
         });
-        // Online mode keeps state across images; keep a rollback point for divergence.
-        let rollback = (k.mode == Mode::Online).then(|| (self.params.snapshot(), self.optimizer.snapshot()));
+        // Online mode keeps state across images; keep a rollback point for divergence
+        // and failures.
+        self.rollback = (k.mode == Mode::Online).then(|| (self.params.snapshot(), self.optimizer.snapshot()));
 
         self.noise.begin_image(key);
         self.params.zero_grad();
@@ -205,11 +210,11 @@ impl DiffusionTta {
                             len as f64 / total as f64,
                         )
                     })?;
-                    loss.backward();
+                    loss.f_backward()?;
                     step_loss += loss.detach();
                     start += len;
                 }
-                (&cond * leaf.grad()).sum(Kind::Float).backward();
+                (&cond * leaf.f_grad()?).sum(Kind::Float).f_backward()?;
                 iteration_losses.push(step_loss.shallow_clone());
                 logits_seen = logits.detach();
             } else {
@@ -221,7 +226,7 @@ impl DiffusionTta {
                         let (logits, cond) = self.condition_of(&x, classes.as_ref())?;
                         Ok((self.noise_loss(&z0, &t, &eps, &cond, 1.0 / k.accum as f64)?, logits))
                     })?;
-                    loss.backward();
+                    loss.f_backward()?;
                     let loss = loss.detach();
                     step_loss += &loss;
                     iteration_losses.push(loss);
@@ -237,7 +242,7 @@ impl DiffusionTta {
                 break;
             }
             let grad_norm = self.params.grad_norm();
-            self.optimizer.step(&self.params.tensors);
+            self.optimizer.step(&self.params.tensors)?;
             self.params.zero_grad();
             let probs = logits_seen.to_kind(Kind::Float).softmax(-1, Kind::Float);
             let (conf, pred) = probs.max_dim(-1, false);
@@ -251,13 +256,7 @@ impl DiffusionTta {
         self.params.zero_grad();
 
         let after = if diverged.is_some() {
-            match rollback {
-                Some((params, state)) => {
-                    self.params.restore(&params);
-                    self.optimizer.restore(state);
-                }
-                None => self.reset(),
-            }
+            self.roll_back();
             before.clone()
         } else {
             let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
@@ -266,6 +265,7 @@ impl DiffusionTta {
         if k.mode == Mode::Episodic {
             self.reset();
         }
+        self.rollback = None;
 
         // One host copy for the whole image.
         let iteration_losses = if iteration_losses.is_empty() {
@@ -338,6 +338,21 @@ impl DiffusionTta {
         Ok(loss * weight)
     }
 
+    /// Back to where the current image started: the online rollback point, or the
+    /// source weights in episodic mode.
+    fn roll_back(&mut self) {
+        self.params.zero_grad();
+        match (self.rollback.take(), self.knobs.mode) {
+            (Some((params, state)), _) => {
+                self.params.restore(&params);
+                self.optimizer.restore(state);
+            }
+            (None, Mode::Episodic) => self.reset(),
+            // Between images: the live stream's state is whole.
+            (None, Mode::Online) => {}
+        }
+    }
+
     /// Back to the weights and optimizer state from before the first image.
     fn reset(&mut self) {
         self.params.restore(&self.originals);
@@ -358,7 +373,13 @@ impl Method for DiffusionTta {
         1
     }
 
-    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+    /// A failed image may leave partly updated weights and gradients: roll back to where
+    /// it started (episodic: the source weights), so a retry sees the same state.
+    fn recover(&mut self) {
+        self.roll_back();
+    }
+
+    fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
         per_image(batch, |p, pixels, gen| {
             if self.knobs.mode == Mode::Online {
                 self.streams

@@ -20,24 +20,33 @@ use crate::model::{Bundle, BundleError};
 /// Runs `adapt` on every sample that has both views, in order; the others get their
 /// status row. For the per-image methods.
 pub fn per_image(
-    batch: Vec<Prepared>,
+    batch: &[Prepared],
     mut adapt: impl FnMut(&Prepared, &[f32], &[f32]) -> Result<Outcome, tch::TchError>,
 ) -> Result<Vec<Outcome>, tch::TchError> {
     batch
-        .into_iter()
+        .iter()
         .map(|p| match (p.pixels.as_deref(), p.gen_pixels.as_deref()) {
-            (Some(pixels), Some(gen)) => adapt(&p, pixels, gen),
+            (Some(pixels), Some(gen)) => adapt(p, pixels, gen),
             _ => Ok(Outcome::unpredicted(p)),
         })
         .collect()
 }
 
 /// A method as the adapt stage sees it.
+///
+/// Contract: `run` returns one outcome per input sample, in input order, with the
+/// sample's key (the adapt stage checks both and fails the shard otherwise). An `Err`,
+/// or a panic, fails the batch: the adapt stage calls [`Method::recover`] and may run
+/// the same batch again (`runtime.shard_retries`), so `run` must not consume its input.
 pub trait Method {
     /// How many samples `run` would like at once (1 for per-image adaptation).
     fn batch_size(&self) -> usize;
     /// One outcome per input sample, in input order.
-    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError>;
+    fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError>;
+    /// Called after `run` failed or panicked: bring the state back to one where the next
+    /// batch (or the same one again) gives the result it would have given without the
+    /// failure, as far as the method can (episodic methods restore the source weights).
+    fn recover(&mut self) {}
 }
 
 /// Why a configured method could not be built.
@@ -93,16 +102,16 @@ fn predicted_images(batch: &[Prepared]) -> Vec<&[f32]> {
 }
 
 /// Assembles outcomes in input order from per-image predictions of the predicted rows.
-fn assemble(batch: Vec<Prepared>, before: Vec<Prediction>, after: Vec<Prediction>, per_image_ms: f64) -> Vec<Outcome> {
+fn assemble(batch: &[Prepared], before: Vec<Prediction>, after: Vec<Prediction>, per_image_ms: f64) -> Vec<Outcome> {
     let mut before = before.into_iter();
     let mut after = after.into_iter();
     batch
-        .into_iter()
+        .iter()
         .map(|p| {
             if p.pixels.is_none() {
                 return Outcome::unpredicted(p);
             }
-            let mut o = Outcome::blank(p.key, p.label, p.defect);
+            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
             o.set_before(&before.next().expect("one prediction per image"));
             o.set_after(after.next().expect("one prediction per image"));
             o.adapt_ms = per_image_ms;

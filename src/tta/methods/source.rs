@@ -30,9 +30,9 @@ impl Method for Source {
         self.batch_size
     }
 
-    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+    fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
         let started = Instant::now();
-        let images = predicted_images(&batch);
+        let images = predicted_images(batch);
         let preds = if images.is_empty() {
             Vec::new()
         } else {

@@ -66,9 +66,9 @@ impl Method for Tent {
         self.batch_size
     }
 
-    fn run(&mut self, batch: Vec<Prepared>) -> Result<Vec<Outcome>, tch::TchError> {
+    fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
         let started = Instant::now();
-        let images = predicted_images(&batch);
+        let images = predicted_images(batch);
         if images.is_empty() {
             return Ok(assemble(batch, Vec::new(), Vec::new(), 0.0));
         }
@@ -83,13 +83,20 @@ impl Method for Tent {
         let logits = self.classifier.logits(&x)?;
         let p = logits.softmax(-1, Kind::Float);
         let entropy = -(&p * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
-        entropy.mean(Kind::Float).backward();
-        self.optimizer.step(&self.params.tensors);
+        entropy.mean(Kind::Float).f_backward()?;
+        self.optimizer.step(&self.params.tensors)?;
         self.params.zero_grad();
         self.classifier.set_eval();
         let before = predictions(&source, self.topk)?;
         let after = predictions(&logits, self.topk)?;
         let ms = started.elapsed().as_secs_f64() * 1e3 / images.len() as f64;
         Ok(assemble(batch, before, after, ms))
+    }
+
+    /// A failed batch leaves at most stale gradients and train mode; the affine
+    /// parameters are only written by the optimizer step, the last fallible call.
+    fn recover(&mut self) {
+        self.params.zero_grad();
+        self.classifier.set_eval();
     }
 }

@@ -8,8 +8,8 @@
 //! Hazard: URLs may carry secrets (an Azure SAS token in the query string). Use
 //! [`redact_url`] for anything that reaches a log, an error or an output file.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -19,6 +19,10 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, RetryConfig};
 use url::Url;
+
+pub mod retry;
+
+pub use retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -39,7 +43,8 @@ pub enum StorageError {
 pub struct StoreOptions {
     pub request_timeout: Duration,
     pub max_retries: usize,
-    /// Process-wide cap on requests in flight to one store (a `LimitStore`).
+    /// Process-wide cap on requests in flight to one bucket (a `LimitStore` shared by
+    /// every URL into it that is opened with the same options).
     pub max_requests: usize,
 }
 
@@ -147,12 +152,55 @@ pub fn open(url: &str, options: &StoreOptions) -> Result<Location, StorageError>
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::Local => Arc::new(LocalFileSystem::new()),
         ObjectStoreScheme::Memory => memory_store(),
-        ObjectStoreScheme::AmazonS3 => cloud!(object_store::aws::AmazonS3Builder),
-        ObjectStoreScheme::GoogleCloudStorage => cloud!(object_store::gcp::GoogleCloudStorageBuilder),
-        ObjectStoreScheme::MicrosoftAzure => cloud!(object_store::azure::MicrosoftAzureBuilder),
+        ObjectStoreScheme::AmazonS3 | ObjectStoreScheme::GoogleCloudStorage | ObjectStoreScheme::MicrosoftAzure => {
+            // One client, and so one request limit, per bucket and settings for the whole
+            // process, however often URLs into it are opened.
+            let key = format!(
+                "{}|{timeout}|{}|{}",
+                store_root(&parsed, &prefix),
+                options.max_retries,
+                options.max_requests
+            );
+            let mut stores = cloud_stores().lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(store) = stores.get(&key) {
+                store.clone()
+            } else {
+                let store: Arc<dyn ObjectStore> = match scheme {
+                    ObjectStoreScheme::AmazonS3 => cloud!(object_store::aws::AmazonS3Builder),
+                    ObjectStoreScheme::GoogleCloudStorage => cloud!(object_store::gcp::GoogleCloudStorageBuilder),
+                    _ => cloud!(object_store::azure::MicrosoftAzureBuilder),
+                };
+                stores.insert(key, store.clone());
+                store
+            }
+        }
         other => return Err(invalid(format!("{other:?} URLs are not supported"))),
     };
     Ok(Location { store, prefix, display })
+}
+
+/// `url` without the part inside the bucket (`prefix`): what a store client is built
+/// for. Keeps the user and the query (an Azure SAS token), so different credentials
+/// never share a client. Never print it.
+fn store_root(url: &Url, prefix: &Path) -> String {
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(|s| s.filter(|p| !p.is_empty()).collect())
+        .unwrap_or_default();
+    let keep = segments.len().saturating_sub(prefix.parts().count());
+    let mut root = url.clone();
+    root.set_fragment(None);
+    root.set_path(&segments[..keep].join("/"));
+    root.to_string()
+}
+
+/// The cloud stores opened so far, by scheme, bucket and client settings.
+///
+/// Hazard: credentials are read from the environment when a bucket's store is first
+/// built; a process that changes them afterwards keeps talking with the old ones.
+fn cloud_stores() -> &'static Mutex<HashMap<String, Arc<dyn ObjectStore>>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    STORES.get_or_init(Mutex::default)
 }
 
 /// The single in-memory store behind every `memory://` URL of this process.
@@ -177,36 +225,32 @@ fn to_url(url: &str) -> Result<Url, String> {
     Ok(u)
 }
 
-/// Attempts of [`retrying`].
-const ATTEMPTS: u32 = 5;
-
 /// Runs a read-only store operation again when it fails transiently. The store clients
 /// retry requests, but not a response body that breaks mid-read (a listing, a small
 /// object); this covers those. Not-found and precondition errors are final.
-pub async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, object_store::Error>
+pub async fn retrying<T, F, Fut>(what: &str, op: F) -> Result<T, object_store::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, object_store::Error>>,
 {
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(
-                e @ (object_store::Error::NotFound { .. }
-                | object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. }
-                | object_store::Error::NotModified { .. }),
-            ) => return Err(e),
-            Err(e) if attempt >= ATTEMPTS => return Err(e),
-            Err(e) => {
-                let wait = Duration::from_millis(100 << attempt);
-                tracing::warn!("{what}: attempt {attempt}/{ATTEMPTS} failed ({e}); again in {wait:?}");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
-        }
-    }
+    retry::retry(what, Backoff::STORE_READ, is_final, op).await
+}
+
+/// Whether a store error says something about the object, not the connection, so that
+/// trying again cannot help.
+pub fn is_final(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotModified { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+    )
 }
 
 /// One shard found by listing.
@@ -450,6 +494,26 @@ mod tests {
         assert_eq!(split_pattern("s3://b/x/s-{0..3}.tar"), ("s3://b/x/", "s-{0..3}.tar"));
         assert_eq!(split_pattern("data/*/a.tar"), ("data/", "*/a.tar"));
         assert_eq!(split_pattern("s3://b/x/"), ("s3://b/x/", ""));
+    }
+
+    #[test]
+    fn store_roots_name_the_bucket_not_the_prefix() {
+        let root = |url: &str| {
+            let url = Url::parse(url).unwrap();
+            let (_, prefix) = ObjectStoreScheme::parse(&url).unwrap();
+            store_root(&url, &prefix)
+        };
+        assert_eq!(root("s3://bucket/a/b/"), root("s3://bucket/c"));
+        assert_ne!(root("s3://bucket/a"), root("s3://other/a"));
+        assert_eq!(
+            root("https://s3.us-east-1.amazonaws.com/bucket/a/b"),
+            "https://s3.us-east-1.amazonaws.com/bucket"
+        );
+        assert_ne!(
+            root("az://c/x?sig=1"),
+            root("az://c/x?sig=2"),
+            "other credentials, other client"
+        );
     }
 
     #[test]

@@ -1,0 +1,188 @@
+//! Decode stage: decodes and preprocesses on the CPU pool (never on the async I/O
+//! threads), in input order, and expands every sample into its variants.
+//!
+//! Invariant: every sample in yields exactly one item per variant out, whatever the
+//! bytes: a decoder or corruption panic is caught and becomes a `decode_error` row.
+//! Hazard: rayon aborts the process when a spawned job panics and the pool has no
+//! panic handler; jobs here catch their panics, and the pool logs any that escape.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+
+use super::event::{Control, Event};
+use super::fetch::Budgeted;
+use crate::image::{DecodeLimits, Expansion, Prepared, Views};
+use crate::sample::{Defect, Sample};
+
+/// Turns one sample into its prepared variants ([`crate::image::prepare`] outside tests).
+pub(super) type PrepareFn = fn(Sample, &Views, DecodeLimits, bool, &Expansion) -> Vec<Prepared>;
+
+/// What decoding a sample needs, shared by the pool's jobs.
+pub(super) struct Decoder {
+    pub views: Views,
+    pub limits: DecodeLimits,
+    pub require_label: bool,
+    pub expansion: Expansion,
+    pub prepare: PrepareFn,
+}
+
+impl Decoder {
+    /// One item per variant, even when preparing panics (then each is a `decode_error`
+    /// row that keeps the sample's key and label).
+    fn prepare(&self, sample: Sample) -> Vec<Prepared> {
+        let (key, label) = (sample.key.clone(), sample.label);
+        let prepare = self.prepare;
+        catch_unwind(AssertUnwindSafe(|| {
+            prepare(sample, &self.views, self.limits, self.require_label, &self.expansion)
+        }))
+        .unwrap_or_else(|panic| {
+            let defect = Defect::from_panic("preparing the image", panic.as_ref());
+            self.expansion
+                .variants
+                .iter()
+                .map(|&variant| Prepared {
+                    key: key.clone(),
+                    label,
+                    variant,
+                    pixels: None,
+                    gen_pixels: None,
+                    defect: Some(defect.clone()),
+                })
+                .collect()
+        })
+    }
+}
+
+/// The decode pool: its own threads, apart from tokio's.
+pub(super) fn pool(threads: usize) -> Result<rayon::ThreadPool, rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("dtta-decode-{i}"))
+        // Jobs catch their own panics; without a handler rayon would abort the process.
+        .panic_handler(|panic| {
+            tracing::error!(
+                "a decode job panicked: {}",
+                crate::sample::panic_message(panic.as_ref())
+            )
+        })
+        .build()
+}
+
+/// Decodes on the pool, in input order, and expands every sample into its variants.
+///
+/// Variants leave in runs: `group` consecutive samples of a shard are held (decoded
+/// views only, at most `group` x variants items), then emitted variant by variant, so
+/// a batch of the adapt stage holds one variant and stateful methods (TENT, online
+/// Diffusion-TTA) see one stream per variant. Without corruption, one variant: no
+/// holding. End counts become rows (samples x variants), which the write stage checks.
+pub(super) async fn run(
+    rx: mpsc::Receiver<Event<Budgeted>>,
+    tx: mpsc::Sender<Event<Prepared>>,
+    pool: Arc<rayon::ThreadPool>,
+    decoder: Decoder,
+    depth: usize,
+    group: usize,
+) {
+    let decoder = Arc::new(decoder);
+    let per_sample = decoder.expansion.variants.len() as u64;
+    let mut ordered = stream_of(rx)
+        .map(|event| -> BoxFuture<'static, Event<Vec<Prepared>>> {
+            match event {
+                Event::Control(c) => futures::future::ready(Event::Control(c)).boxed(),
+                Event::Item { shard, item } => {
+                    let (done_tx, done_rx) = oneshot::channel();
+                    let decoder = decoder.clone();
+                    pool.spawn(move || {
+                        let Budgeted { sample, permit } = item;
+                        let prepared = decoder.prepare(sample);
+                        drop(permit);
+                        let _ = done_tx.send(prepared);
+                    });
+                    async move {
+                        // The job catches panics, so it always answers; an empty list
+                        // here would surface as a row-count error naming the shard.
+                        Event::Item {
+                            shard,
+                            item: done_rx.await.unwrap_or_default(),
+                        }
+                    }
+                    .boxed()
+                }
+            }
+        })
+        .buffered(depth);
+    // Per shard: shards in flight interleave their samples.
+    let mut held: HashMap<Arc<str>, Vec<Vec<Prepared>>> = HashMap::new();
+    while let Some(event) = ordered.next().await {
+        match event {
+            Event::Item { shard, item } => {
+                let group_full = {
+                    let samples = held.entry(shard.clone()).or_default();
+                    samples.push(item);
+                    samples.len() >= group.max(1)
+                };
+                if group_full && !emit_by_variant(&shard, held.remove(&shard), &tx).await {
+                    return;
+                }
+            }
+            Event::Control(c) => {
+                let c = match c {
+                    Control::End { shard, samples } => Control::End {
+                        samples: samples * per_sample,
+                        shard,
+                    },
+                    c => c,
+                };
+                match &c {
+                    Control::End { shard, .. } => {
+                        if !emit_by_variant(shard, held.remove(shard), &tx).await {
+                            return;
+                        }
+                    }
+                    // Its rows will not be committed: no need to adapt them.
+                    Control::Failed { shard, .. } => drop(held.remove(shard)),
+                    Control::Begin(_) => {}
+                }
+                if tx.send(Event::Control(c)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends a shard's held samples variant by variant; false when the receiver is gone.
+async fn emit_by_variant(
+    shard: &Arc<str>,
+    held: Option<Vec<Vec<Prepared>>>,
+    tx: &mpsc::Sender<Event<Prepared>>,
+) -> bool {
+    let mut columns: Vec<Vec<Prepared>> = Vec::new();
+    for items in held.unwrap_or_default() {
+        for (v, item) in items.into_iter().enumerate() {
+            if columns.len() <= v {
+                columns.push(Vec::new());
+            }
+            columns[v].push(item);
+        }
+    }
+    for item in columns.into_iter().flatten() {
+        let event = Event::Item {
+            shard: shard.clone(),
+            item,
+        };
+        if tx.send(event).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+fn stream_of<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
