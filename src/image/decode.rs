@@ -123,7 +123,7 @@ pub fn dct_reduction(width: u32, height: u32, needed_short_side: u32) -> u32 {
     let needed = needed_short_side.max(1) as u64;
     [8u32, 4, 2]
         .into_iter()
-        .find(|&d| width % d == 0 && height % d == 0 && short >= needed * d as u64)
+        .find(|&d| width.is_multiple_of(d) && height.is_multiple_of(d) && short >= needed * d as u64)
         .unwrap_or(1)
 }
 

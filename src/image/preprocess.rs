@@ -76,7 +76,10 @@ impl ClassifierView {
         let left = ((new_w - c) / 2.0).round_ties_even(); // Python's round()
         let top = ((new_h - c) / 2.0).round_ties_even();
         let (sx, sy) = (w / new_w, h / new_h);
-        (left * sx, top * sy, c * sx, c * sy)
+        let (left, top) = (left * sx, top * sy);
+        // Float rounding can put the far edge a hair past the image (28 * (232 / 28) =
+        // 232.00000000000003), which the resizer rejects: clamp it to the image.
+        (left, top, (c * sx).min(w - left), (c * sy).min(h - top))
     }
 
     /// Produces the normalised CHW tensor data of `img`.
@@ -297,6 +300,35 @@ mod tests {
         assert!((t - 4.0 * s).abs() < 1e-9 && (h - 224.0 * s).abs() < 1e-9);
         let sx = 500.0 / 309.0;
         assert!((l - 42.0 * sx).abs() < 1e-9 && (w - 224.0 * sx).abs() < 1e-9, "{l} {w}");
+    }
+
+    #[test]
+    fn crop_windows_stay_inside_the_image_and_resize() {
+        // 28/28 and a short side of 232 once gave a window 232.00000000000003 tall, which
+        // the resizer rejected (found by tests/mutated_shard.rs).
+        for (resize, crop) in [(28, 28), (32, 28), (232, 224), (256, 224)] {
+            let v = view(resize, crop);
+            for short in 1..=1100 {
+                for (width, height) in [(short, short), (short, short * 5 / 4 + 1), (short * 4 / 3 + 1, short)] {
+                    let (l, t, w, h) = v.crop_window(width, height);
+                    assert!(
+                        l >= 0.0 && t >= 0.0 && l + w <= width as f64 && t + h <= height as f64,
+                        "{resize}/{crop} {width}x{height}: {l} {t} {w} {h}"
+                    );
+                }
+            }
+        }
+        let img = DecodedImage {
+            width: 288,
+            height: 232,
+            channels: Channels::Gray,
+            data: vec![7; 288 * 232],
+        };
+        let mut gray = view(28, 28);
+        gray.channels = Channels::Gray;
+        gray.mean = vec![0.0];
+        gray.std = vec![1.0];
+        assert_eq!(gray.apply(&img).len(), 28 * 28);
     }
 
     #[test]
