@@ -1,13 +1,14 @@
 //! Many workers on one job, identified by their scheduler's environment, against S3:
 //! every sample exactly once, no shard twice, a killed worker's index rerun alone, one
-//! combined summary. And the manifests the job relies on.
+//! combined summary. And the manifests the job relies on: the Kubernetes pods run the
+//! manifest's own command and environment.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
 
+use common::fault_proxy::{kill, wait_while_running, was_killed};
 use common::servers::S3;
 use common::*;
 use object_store::path::Path as StorePath;
@@ -67,10 +68,10 @@ impl Job {
             .unwrap()
     }
 
-    /// Marker contents below the output: shard -> worker index.
-    fn markers(&self, prefix: &str) -> BTreeMap<String, u64> {
+    /// Marker contents below the output `bucket/prefix`: shard -> worker index.
+    fn markers(&self, output: &str) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
-        let dir = self.s3.server.dir.path().join(format!("data/{prefix}/_commits"));
+        let dir = self.s3.server.dir.path().join(output).join("_commits");
         for entry in std::fs::read_dir(dir).into_iter().flatten() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "json") {
@@ -84,18 +85,19 @@ impl Job {
         out
     }
 
-    fn rows(&self, prefix: &str) -> Vec<Row> {
-        committed_rows(&self.s3.server.dir.path().join(format!("data/{prefix}")))
+    fn rows(&self, output: &str) -> Vec<Row> {
+        committed_rows(&self.s3.server.dir.path().join(output))
     }
 }
 
-fn check_exactly_once(job: &Job, prefix: &str, workers: u64) {
-    let markers = job.markers(prefix);
+/// Every shard below the output `bucket/prefix` committed once, by worker i mod count.
+fn check_exactly_once(job: &Job, output: &str, workers: u64) {
+    let markers = job.markers(output);
     assert_eq!(markers.len(), SHARDS, "every shard committed once");
     for (i, (shard, worker)) in markers.iter().enumerate() {
         assert_eq!(*worker, i as u64 % workers, "{shard} went to worker i mod count");
     }
-    let rows = job.rows(prefix);
+    let rows = job.rows(output);
     let unique: BTreeSet<_> = rows.iter().map(|r| (r.shard.clone(), r.key.clone())).collect();
     assert_eq!(rows.len(), SHARDS * 50);
     assert_eq!(unique.len(), rows.len(), "no sample twice");
@@ -108,19 +110,99 @@ fn wait_all(children: Vec<Child>) {
     }
 }
 
+/// The Kubernetes manifest.
+fn manifest() -> serde_yaml::Value {
+    let text = std::fs::read_to_string(repo().join("pipelines/k8s/nightly-relabel.yaml")).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+/// The spec of the Indexed Job the manifest's CronJob creates each night.
+fn job_spec(manifest: &serde_yaml::Value) -> &serde_yaml::Value {
+    &manifest["spec"]["jobTemplate"]["spec"]
+}
+
+/// The one container of the Job's pods.
+fn container(manifest: &serde_yaml::Value) -> &serde_yaml::Value {
+    &job_spec(manifest)["template"]["spec"]["containers"][0]
+}
+
+/// What Kubernetes runs in pod `index` of the Job `job_name`: the container's command and
+/// args, with the container's environment over `cluster` (what the test stands in for:
+/// the S3 endpoint, and the Secrets' values by variable name), the Job name for its
+/// label, and the index Kubernetes gives an Indexed Job's pod.
+fn pod(manifest: &serde_yaml::Value, job_name: &str, index: u64, cluster: &[(&str, String)]) -> Command {
+    let c = container(manifest);
+    let strings = |v: &serde_yaml::Value| -> Vec<String> {
+        let items = v.as_sequence().into_iter().flatten();
+        items.map(|s| s.as_str().unwrap().to_string()).collect()
+    };
+    let argv: Vec<String> = strings(&c["command"]).into_iter().chain(strings(&c["args"])).collect();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).envs(cluster.iter().map(|(k, v)| (*k, v.as_str())));
+    cmd.env("JOB_COMPLETION_INDEX", index.to_string());
+    for var in c["env"].as_sequence().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        let from = &var["valueFrom"];
+        let value = if let Some(v) = var["value"].as_str() {
+            v.to_string()
+        } else if from["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']" {
+            job_name.to_string()
+        } else if from["secretKeyRef"]["name"].is_string() {
+            let secret = cluster.iter().find(|(k, _)| *k == name);
+            secret
+                .unwrap_or_else(|| panic!("no test value for the Secret of {name}"))
+                .1
+                .clone()
+        } else {
+            panic!("the test cannot fill {name}: {var:?}")
+        };
+        cmd.env(name, value);
+    }
+    cmd
+}
+
 #[test]
 fn kubernetes_indexed_job_workers_split_the_shards() {
-    let job = job("k8s");
-    let children = (0..3)
+    // One night of the manifest's CronJob: every pod of its Indexed Job runs the
+    // manifest's own command, with its environment, as Kubernetes would start it; `dtta`
+    // on PATH is the binary under test, and the working directory holds a test pipeline
+    // at the path the command names.
+    let manifest = manifest();
+    let job = job("k8s"); // its output URL is the one the command sets
+    job.s3.create_bucket("relabel");
+    let workdir = job._tmp.path().join("pod");
+    std::fs::create_dir_all(workdir.join("pipelines")).unwrap();
+    std::fs::copy(&job.pipeline, workdir.join("pipelines/nightly-relabel.toml")).unwrap();
+    let bin = job._tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dtta"), bin.join("dtta")).unwrap();
+    let path = std::env::join_paths(
+        std::iter::once(bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .unwrap();
+    // The CronJob names each night's Job <cronjob>-<scheduled minutes since the epoch>.
+    let job_name = format!("{}-29400000", manifest["metadata"]["name"].as_str().unwrap());
+    let completions = job_spec(&manifest)["completions"].as_u64().unwrap();
+    let children = (0..completions)
         .map(|i| {
-            job.spawn(&[
-                ("JOB_COMPLETION_INDEX", i.to_string()),
-                ("DTTA_WORKER_COUNT", "3".into()),
-            ])
+            pod(&manifest, &job_name, i, &job.s3.env())
+                .env("PATH", &path)
+                .env("DTTA_LOG", "info")
+                .current_dir(&workdir)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
         })
         .collect();
     wait_all(children);
-    check_exactly_once(&job, "k8s", 3);
+    // Minute 29400000 is in 2025-11-24 (UTC): every pod wrote below that night's prefix.
+    let nights: Vec<String> = std::fs::read_dir(job.s3.server.dir.path().join("relabel/nightly"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(nights, ["2025-11-24"], "the night's output prefix");
+    check_exactly_once(&job, "relabel/nightly/2025-11-24", completions);
 }
 
 #[test]
@@ -135,30 +217,35 @@ fn slurm_array_workers_split_the_shards_and_a_killed_index_reruns_alone() {
     };
     let mut victim = job.spawn(&env(2)); // worker index 1
     let others: Vec<Child> = [1, 3].iter().map(|t| job.spawn(&env(*t))).collect();
-    // Kill worker 1 once it has committed something, before it finishes.
-    let started = Instant::now();
-    loop {
-        let mine = job.markers("slurm").values().filter(|w| **w == 1).count();
-        if mine >= 1 || started.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let finished_early = victim.try_wait().unwrap().is_some();
-    victim.kill().unwrap();
-    victim.wait().unwrap();
+    // Kill worker 1 once its first commit lands, with shards of its own still to do.
+    let mine = || job.markers("data/slurm").values().filter(|w| **w == 1).count();
+    wait_while_running(
+        &mut victim,
+        || "worker 1 finished before it could be killed".into(),
+        || mine() >= 1,
+    );
+    let status = kill(&mut victim);
+    assert!(was_killed(status), "worker 1 was killed ({status})");
+    let done = mine();
+    let share = SHARDS / 3;
+    assert!(
+        done < share,
+        "worker 1 was cut short: {done} of its {share} shard(s) committed"
+    );
     wait_all(others);
-    let before = job.markers("slurm");
-    if !finished_early {
-        assert!(
-            before.values().filter(|w| **w == 1).count() < SHARDS / 3,
-            "worker 1 was cut short"
-        );
-    }
-    // Rerun only index 1 (task 2).
+    // Rerun only index 1 (task 2): it skips what the killed run committed, does the rest.
     let o = job.spawn(&env(2)).wait_with_output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    check_exactly_once(&job, "slurm", 3);
+    let expected = format!(
+        "shards:   {} committed, {done} skipped (already committed), 0 failed",
+        share - done
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&expected),
+        "expected `{expected}`: {}",
+        text(&o)
+    );
+    check_exactly_once(&job, "data/slurm", 3);
 
     // One combined summary over the three workers, as JSON and Parquet under _runs/.
     let o = dtta()
@@ -207,16 +294,15 @@ fn conflicting_worker_identity_is_an_error_naming_the_sources() {
 
 #[test]
 fn the_kubernetes_manifest_runs_an_indexed_job_per_night() {
-    let text = std::fs::read_to_string(repo().join("pipelines/k8s/nightly-relabel.yaml")).unwrap();
-    let y: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    // Its command and environment are run by kubernetes_indexed_job_workers_split_the_shards.
+    let y = manifest();
     assert_eq!(y["kind"], "CronJob");
-    let job = &y["spec"]["jobTemplate"]["spec"];
+    let job = job_spec(&y);
     assert_eq!(job["completionMode"], "Indexed");
     assert_eq!(job["completions"], job["parallelism"]);
     assert!(job["backoffLimitPerIndex"].as_u64().is_some_and(|n| n > 0));
-    let pod = &job["template"]["spec"];
-    assert_eq!(pod["restartPolicy"], "Never");
-    let c = &pod["containers"][0];
+    assert_eq!(job["template"]["spec"]["restartPolicy"], "Never");
+    let c = container(&y);
     assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], 1);
     let env = c["env"].as_sequence().unwrap();
     let var = |name: &str| {
@@ -241,22 +327,8 @@ fn the_kubernetes_manifest_runs_an_indexed_job_per_night() {
         "metadata.labels['batch.kubernetes.io/job-name']"
     );
     let args = c["args"][0].as_str().unwrap();
-    assert!(
-        args.contains("dtta run pipelines/nightly-relabel.toml") && args.contains("${RUN_DATE}"),
-        "{args}"
-    );
+    assert!(args.contains("dtta run pipelines/nightly-relabel.toml"), "{args}");
     assert!(repo().join("pipelines/nightly-relabel.toml").exists());
-
-    // The date part: the CronJob names Jobs <name>-<scheduled minutes>; the shell turns
-    // that into the scheduled day, the same for every pod and retry.
-    let o = std::process::Command::new("sh")
-        .args([
-            "-c",
-            "JOB_NAME=dtta-nightly-relabel-29400000; date -u -d \"@$(( ${JOB_NAME##*-} * 60 ))\" +%F",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "2025-11-24");
 
     let sbatch = std::fs::read_to_string(repo().join("pipelines/slurm/robustness-eval.sbatch")).unwrap();
     assert!(sbatch.contains("#SBATCH --array=") && sbatch.contains("dtta run pipelines/robustness-eval.toml"));

@@ -98,7 +98,14 @@ pub async fn read_shard<S: SampleReceiver>(
     Ok(row)
 }
 
-/// Parquet's async file reader over an object store: ranged GETs, the footer first.
+/// Parquet's async file reader over an object store: ranged GETs, the footer first, with
+/// the size known from the listing (no HEAD) and a footer prefetch.
+///
+/// Hand-written on purpose: the parquet crate's `ParquetObjectReader` is deprecated
+/// since parquet 59.2 (arrow-rs PR 10354), whose note says to implement
+/// `AsyncFileReader` directly as here. Measured against it (same shard, same store; 500
+/// rows / 131 kB and 300 rows / 30 MB, locally and over loopback S3) this reader was as
+/// fast; without a footer hint the crate's makes one more request per shard.
 struct StoreFileReader {
     store: Arc<dyn ObjectStore>,
     path: Path,
@@ -237,5 +244,121 @@ impl Columns {
             label,
             defect,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{BinaryArray, Int64Array, StringArray, StructArray};
+    use arrow_schema::{Field, Fields};
+    use object_store::memory::InMemory;
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+
+    use super::*;
+
+    /// Keeps what it is handed.
+    impl SampleReceiver for Vec<Sample> {
+        async fn accept(&mut self, sample: Sample) -> bool {
+            self.push(sample);
+            true
+        }
+    }
+
+    const LIMITS: ReadLimits = ReadLimits { max_member_bytes: 6 };
+
+    /// A Hugging Face style file: `image {bytes, path}` and `label`, `n` rows in row
+    /// groups of 4; row 2's image is null, row 5's is over [`LIMITS`].
+    fn file(n: usize) -> Vec<u8> {
+        let bytes: Vec<Option<Vec<u8>>> = (0..n)
+            .map(|i| match i {
+                2 => None,
+                5 => Some(b"far too long".to_vec()),
+                _ => Some(format!("img{i}").into_bytes()),
+            })
+            .collect();
+        let paths: Vec<String> = (0..n).map(|i| format!("s{i}.png")).collect();
+        let fields = Fields::from(vec![
+            Field::new("bytes", DataType::Binary, true),
+            Field::new("path", DataType::Utf8, true),
+        ]);
+        let image = StructArray::new(
+            fields,
+            vec![
+                Arc::new(BinaryArray::from_iter(bytes.iter().map(|b| b.as_deref()))),
+                Arc::new(StringArray::from(paths)),
+            ],
+            None,
+        );
+        let label = Int64Array::from_iter_values((0..n as i64).map(|i| i % 3));
+        let batch = RecordBatch::try_from_iter([
+            ("image", Arc::new(image) as ArrayRef),
+            ("label", Arc::new(label) as ArrayRef),
+        ])
+        .unwrap();
+        let props = WriterProperties::builder().set_max_row_group_row_count(Some(4)).build();
+        let mut out = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        out
+    }
+
+    async fn read(bytes: Vec<u8>, cfg: &ParquetInputConfig, skip: u64) -> (Result<u64, ShardError>, Vec<Sample>) {
+        let store = Arc::new(InMemory::new());
+        let path = Path::from("shard.parquet");
+        let size = bytes.len() as u64;
+        store.put(&path, bytes.into()).await.unwrap();
+        let input = ShardInput {
+            store,
+            path,
+            size,
+            members: Arc::new(Vec::new()),
+            skip,
+        };
+        let mut samples = Vec::new();
+        let r = read_shard(&input, cfg, LIMITS, &mut samples).await;
+        (r, samples)
+    }
+
+    #[tokio::test]
+    async fn rows_become_samples_with_defects_for_bad_cells() {
+        let (r, samples) = read(file(10), &ParquetInputConfig::default(), 0).await;
+        assert_eq!(r.unwrap(), 10);
+        let keys: Vec<&str> = samples.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"]);
+        assert_eq!(samples[1].image, Some(Bytes::from_static(b"img1")));
+        assert_eq!(samples[4].label, Some(1));
+        let status = |i: usize| samples[i].defect.as_ref().map(|d| d.status);
+        assert_eq!(status(2), Some(Status::NoImage));
+        assert_eq!(status(5), Some(Status::TooLarge));
+        assert_eq!(samples[5].image, None);
+        assert_eq!(status(0), None);
+    }
+
+    #[tokio::test]
+    async fn a_retry_skips_the_rows_already_handed_on() {
+        let (r, samples) = read(file(10), &ParquetInputConfig::default(), 6).await;
+        assert_eq!(r.unwrap(), 10, "the count includes skipped rows");
+        let keys: Vec<&str> = samples.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["s6", "s7", "s8", "s9"]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_column_is_a_layout_error_a_truncated_file_is_transient() {
+        let cfg = ParquetInputConfig {
+            image_column: "picture".into(),
+            ..Default::default()
+        };
+        let err = read(file(10), &cfg, 0).await.0.unwrap_err();
+        assert!(matches!(err, ShardError::Layout(_)) && !err.is_transient(), "{err}");
+        assert!(err.to_string().contains("columns: image, label"), "{err}");
+
+        let mut truncated = file(10);
+        truncated.truncate(truncated.len() / 2);
+        let err = read(truncated, &ParquetInputConfig::default(), 0).await.0.unwrap_err();
+        assert!(err.is_transient(), "{err}");
     }
 }

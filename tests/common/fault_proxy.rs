@@ -1,28 +1,81 @@
 //! A fault-injecting TCP proxy for loopback tests: between dtta and a storage server it
 //! resets connections, answers 503 SlowDown, stalls, and cuts responses mid-body.
-//! Decisions are per connection, from a seeded RNG; counters say what was injected.
+//! Decisions are per connection (in accept order), from a seeded RNG; counters say what
+//! was injected. Also the seed every fault test draws its random choices from.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// The seed of one test's random choices: `DTTA_TEST_SEED` when set (decimal, or hex
+/// with `0x`), else random. Printed first, so a failure can be replayed; put it in
+/// assertion messages too.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = match std::env::var("DTTA_TEST_SEED") {
+        Ok(v) => {
+            let v = v.trim();
+            let parsed = match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => v.parse(),
+            };
+            parsed.unwrap_or_else(|e| panic!("DTTA_TEST_SEED={v:?} is not a u64: {e}"))
+        }
+        Err(_) => rand::random(),
+    };
+    eprintln!("{test}: seed {seed} (DTTA_TEST_SEED={seed} replays this test's random choices)");
+    seed
+}
+
+/// Polls until `done()` holds, for a process that must still be running then. Panics if
+/// it exits first or if nothing happens for 10 minutes (a hang guard, not a timing
+/// condition), with `context()` (the seed, a log).
+pub fn wait_while_running(child: &mut Child, context: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the process exited ({status}) before the awaited point; {}", context());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the awaited point was not reached in 10 minutes; {}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGKILLs `child` and returns how it ended: killed, unless it had exited already.
+pub fn kill(child: &mut Child) -> ExitStatus {
+    child.kill().unwrap();
+    child.wait().unwrap()
+}
+
+/// Whether `status` is the end of a SIGKILL.
+pub fn was_killed(status: ExitStatus) -> bool {
+    std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL)
+}
 
 /// Probabilities per connection (the rest is forwarded untouched).
 #[derive(Debug, Clone, Copy)]
 pub struct Faults {
     pub reset: f64,
     pub slow_down: f64,
+    /// Hold the connection without answering until the client hangs up (its request
+    /// timeout), or at most `stall_limit`, then reset it.
     pub stall: f64,
     /// Forward, but cut the response after a random number of bytes.
     pub cut: f64,
-    pub stall_for: Duration,
+    /// A hang guard: a client that never gives up on a stall meets a reset after this.
+    pub stall_limit: Duration,
     pub seed: u64,
 }
 
@@ -32,17 +85,20 @@ pub struct Stats {
     pub resets: AtomicUsize,
     pub slow_downs: AtomicUsize,
     pub stalls: AtomicUsize,
+    /// Stalled connections the client closed before `stall_limit`.
+    pub stalls_abandoned: AtomicUsize,
     pub cuts: AtomicUsize,
 }
 
 impl Stats {
     pub fn summary(&self) -> String {
         format!(
-            "{} connections: {} reset, {} 503 SlowDown, {} stalled, {} cut mid-response",
+            "{} connections: {} reset, {} 503 SlowDown, {} stalled ({} given up by the client), {} cut mid-response",
             self.connections.load(Ordering::Relaxed),
             self.resets.load(Ordering::Relaxed),
             self.slow_downs.load(Ordering::Relaxed),
             self.stalls.load(Ordering::Relaxed),
+            self.stalls_abandoned.load(Ordering::Relaxed),
             self.cuts.load(Ordering::Relaxed)
         )
     }
@@ -53,6 +109,8 @@ pub struct FaultProxy {
     pub stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    /// One thread per connection, joined by [`FaultProxy::finish`].
+    handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl FaultProxy {
@@ -61,9 +119,11 @@ impl FaultProxy {
         let port = listener.local_addr().unwrap().port();
         let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let rng = Arc::new(Mutex::new(StdRng::seed_from_u64(faults.seed)));
+        let handlers = Arc::new(Mutex::new(Vec::new()));
         let accept = {
-            let (stats, stop) = (stats.clone(), stop.clone());
+            let (stats, stop, handlers) = (stats.clone(), stop.clone(), handlers.clone());
+            // Only this thread draws, in accept order: connection n meets the n-th draws.
+            let mut r = StdRng::seed_from_u64(faults.seed);
             std::thread::spawn(move || {
                 for client in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
@@ -71,30 +131,10 @@ impl FaultProxy {
                     }
                     let Ok(client) = client else { continue };
                     let index = stats.connections.fetch_add(1, Ordering::Relaxed);
-                    let (roll, cut_at) = {
-                        let mut r = rng.lock().unwrap();
-                        // Half the cuts early in a response, half deep into a shard's body.
-                        let cut_at = if r.random::<bool>() {
-                            r.random_range(100..2_000usize)
-                        } else {
-                            r.random_range(2_000..200_000)
-                        };
-                        // The first connections meet each kind of fault once, so every run
-                        // exercises all of them; the rest are random.
-                        let edges = [
-                            0.0,
-                            faults.reset,
-                            faults.reset + faults.slow_down,
-                            faults.reset + faults.slow_down + faults.stall,
-                        ];
-                        let roll = match edges.get(index) {
-                            Some(edge) => edge + 1e-9,
-                            None => r.random::<f64>(),
-                        };
-                        (roll, cut_at.min(if index == 3 { 150 } else { usize::MAX }))
-                    };
+                    let (roll, cut_at) = draw(&mut r, index, &faults);
                     let stats = stats.clone();
-                    std::thread::spawn(move || handle(client, upstream, faults, roll, cut_at, &stats));
+                    let handler = std::thread::spawn(move || handle(client, upstream, faults, roll, cut_at, &stats));
+                    handlers.lock().unwrap().push(handler);
                 }
             })
         };
@@ -103,6 +143,26 @@ impl FaultProxy {
             stats,
             stop,
             accept: Some(accept),
+            handlers,
+        }
+    }
+
+    /// Stops accepting and waits for every connection to end (call it once the client
+    /// has exited): the counters are then final.
+    pub fn finish(mut self) -> Arc<Stats> {
+        self.stop_accepting();
+        let handlers = std::mem::take(&mut *self.handlers.lock().unwrap());
+        for h in handlers {
+            h.join().unwrap();
+        }
+        self.stats.clone()
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(h) = self.accept.take() {
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = TcpStream::connect(("127.0.0.1", self.port));
+            let _ = h.join();
         }
     }
 
@@ -113,12 +173,32 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
+        self.stop_accepting();
     }
+}
+
+/// The fault for connection `index`: a roll against the edges of [`Faults`], and where a
+/// cut would end the response.
+fn draw(r: &mut StdRng, index: usize, faults: &Faults) -> (f64, usize) {
+    // Half the cuts early in a response, half deep into a shard's body.
+    let cut_at = if r.random::<bool>() {
+        r.random_range(100..2_000usize)
+    } else {
+        r.random_range(2_000..200_000)
+    };
+    // The first connections meet each kind of fault once (reset, 503, stall, a cut after
+    // 150 bytes), so every run exercises all of them; the rest are random.
+    let edges = [
+        0.0,
+        faults.reset,
+        faults.reset + faults.slow_down,
+        faults.reset + faults.slow_down + faults.stall,
+    ];
+    let roll = match edges.get(index) {
+        Some(edge) => edge + 1e-9,
+        None => r.random::<f64>(),
+    };
+    (roll, if index == 3 { cut_at.min(150) } else { cut_at })
 }
 
 /// Closes with RST instead of FIN (SO_LINGER 0), like a dropped connection.
@@ -159,6 +239,27 @@ fn read_request(client: &mut TcpStream) {
     let _ = std::io::copy(&mut client.take(len as u64), &mut std::io::sink());
 }
 
+/// Reads (and drops) what the client sends until it closes the connection; false if it
+/// is still open after `limit`.
+fn client_hangs_up(client: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || client.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match client.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true, // reset by the client
+        }
+    }
+}
+
 fn handle(mut client: TcpStream, upstream: u16, f: Faults, roll: f64, cut_at: usize, stats: &Stats) {
     let mut edge = f.reset;
     if roll < edge {
@@ -181,7 +282,9 @@ fn handle(mut client: TcpStream, upstream: u16, f: Faults, roll: f64, cut_at: us
     edge += f.stall;
     if roll < edge {
         stats.stalls.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(f.stall_for);
+        if client_hangs_up(&mut client, f.stall_limit) {
+            stats.stalls_abandoned.fetch_add(1, Ordering::Relaxed);
+        }
         return reset(client);
     }
     let cut = roll < edge + f.cut;
