@@ -11,9 +11,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::fault_proxy::{kill, test_seed, wait_while_running, was_killed};
 use common::servers::S3;
 use common::*;
+use common::{kill, test_seed, wait_while_running, was_killed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

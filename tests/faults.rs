@@ -8,8 +8,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::fault_proxy::{test_seed, FaultProxy, Faults};
+use common::fault_proxy::{FaultProxy, Faults};
 use common::servers::S3;
+use common::test_seed;
 use common::*;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStoreExt, PutPayload};

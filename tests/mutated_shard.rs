@@ -25,7 +25,7 @@
 //! agree).
 //!
 //! Everything derives from one seed, printed at the start and in every assertion: set
-//! `DTTA_FUZZ_SEED` to replay a run (decimal or 0x-hex); without it the seed comes from
+//! `DTTA_TEST_SEED` to replay a run (decimal or 0x-hex); without it the seed comes from
 //! the clock. `DTTA_FUZZ_KEEP=1` keeps the shard and outputs on disk. If the process
 //! fails, the test bisects the shard down to one member and names it in the failure.
 
@@ -105,26 +105,6 @@ impl Rng {
     }
     fn unit(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
-fn seed() -> u64 {
-    match std::env::var("DTTA_FUZZ_SEED") {
-        Ok(s) => {
-            let s = s.trim();
-            let parsed = match s.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => s.parse(),
-            };
-            parsed.unwrap_or_else(|_| panic!("DTTA_FUZZ_SEED={s:?} is not a u64"))
-        }
-        Err(_) => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64;
-            Rng(nanos ^ u64::from(std::process::id())).next()
-        }
     }
 }
 
@@ -1174,7 +1154,7 @@ fn fail_run(seed: u64, what: &str, dir: &Path, members: &[&Member], extra: &str,
     );
     let culprit = bisect(&dir.join("bisect"), members, extra);
     panic!(
-        "seed {seed} (replay: DTTA_FUZZ_SEED={seed}): the {what} did not finish cleanly: {:?}\n\
+        "seed {seed} (replay: DTTA_TEST_SEED={seed}): the {what} did not finish cleanly: {:?}\n\
          --- stdout\n{}\n--- stderr\n{}\n--- bisection\n{culprit}",
         o.status,
         String::from_utf8_lossy(&o.stdout),
@@ -1184,9 +1164,7 @@ fn fail_run(seed: u64, what: &str, dir: &Path, members: &[&Member], extra: &str,
 
 #[test]
 fn mutated_shard_costs_one_row_per_member_never_the_process() {
-    let seed = seed();
-    println!("mutated_shard: seed {seed} (replay with DTTA_FUZZ_SEED={seed})");
-    eprintln!("mutated_shard: seed {seed} (replay with DTTA_FUZZ_SEED={seed})");
+    let seed = test_seed("mutated_shard");
     let started = Instant::now();
     let members = members(seed);
     let tmp = tempfile::tempdir().unwrap();
@@ -1269,7 +1247,7 @@ fn mutated_shard_costs_one_row_per_member_never_the_process() {
     }
     assert!(
         problems.is_empty(),
-        "seed {seed} (replay: DTTA_FUZZ_SEED={seed}): {} problem(s) in {} rows for {MEMBERS} members:\n{}",
+        "seed {seed} (replay: DTTA_TEST_SEED={seed}): {} problem(s) in {} rows for {MEMBERS} members:\n{}",
         problems.len(),
         plain.len(),
         problems.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
@@ -1379,7 +1357,7 @@ fn mutated_shard_costs_one_row_per_member_never_the_process() {
     );
     assert!(
         problems.is_empty(),
-        "seed {seed} (replay: DTTA_FUZZ_SEED={seed}): {} problem(s) in the [corrupt] run:\n{}",
+        "seed {seed} (replay: DTTA_TEST_SEED={seed}): {} problem(s) in the [corrupt] run:\n{}",
         problems.len(),
         problems.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
     );

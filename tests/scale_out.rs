@@ -8,9 +8,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 
-use common::fault_proxy::{kill, wait_while_running, was_killed};
 use common::servers::S3;
 use common::*;
+use common::{kill, wait_while_running, was_killed};
 use object_store::path::Path as StorePath;
 
 struct Job {

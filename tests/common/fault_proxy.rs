@@ -1,13 +1,12 @@
 //! A fault-injecting TCP proxy for loopback tests: between dtta and a storage server it
 //! resets connections, answers 503 SlowDown, stalls, and cuts responses mid-body.
 //! Decisions are per connection (in accept order), from a seeded RNG; counters say what
-//! was injected. Also the seed every fault test draws its random choices from.
+//! was injected.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,54 +14,6 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// The seed of one test's random choices: `DTTA_TEST_SEED` when set (decimal, or hex
-/// with `0x`), else random. Printed first, so a failure can be replayed; put it in
-/// assertion messages too.
-pub fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var("DTTA_TEST_SEED") {
-        Ok(v) => {
-            let v = v.trim();
-            let parsed = match v.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => v.parse(),
-            };
-            parsed.unwrap_or_else(|e| panic!("DTTA_TEST_SEED={v:?} is not a u64: {e}"))
-        }
-        Err(_) => rand::random(),
-    };
-    eprintln!("{test}: seed {seed} (DTTA_TEST_SEED={seed} replays this test's random choices)");
-    seed
-}
-
-/// Polls until `done()` holds, for a process that must still be running then. Panics if
-/// it exits first or if nothing happens for 10 minutes (a hang guard, not a timing
-/// condition), with `context()` (the seed, a log).
-pub fn wait_while_running(child: &mut Child, context: impl Fn() -> String, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the process exited ({status}) before the awaited point; {}", context());
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "the awaited point was not reached in 10 minutes; {}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// SIGKILLs `child` and returns how it ended: killed, unless it had exited already.
-pub fn kill(child: &mut Child) -> ExitStatus {
-    child.kill().unwrap();
-    child.wait().unwrap()
-}
-
-/// Whether `status` is the end of a SIGKILL.
-pub fn was_killed(status: ExitStatus) -> bool {
-    std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL)
-}
 
 /// Probabilities per connection (the rest is forwarded untouched).
 #[derive(Debug, Clone, Copy)]

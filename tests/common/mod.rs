@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
 
 use arrow_array::{Array, Int64Array, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -232,3 +233,51 @@ pub fn all_prediction_files(out: &Path) -> Vec<PathBuf> {
 }
 pub mod fault_proxy;
 pub mod servers;
+
+/// The seed of one test's random choices: `DTTA_TEST_SEED` when set (decimal, or hex
+/// with `0x`), else random. Printed first, so a failure can be replayed; put it in
+/// assertion messages too.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = match std::env::var("DTTA_TEST_SEED") {
+        Ok(v) => {
+            let v = v.trim();
+            let parsed = match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => v.parse(),
+            };
+            parsed.unwrap_or_else(|e| panic!("DTTA_TEST_SEED={v:?} is not a u64: {e}"))
+        }
+        Err(_) => rand::random(),
+    };
+    eprintln!("{test}: seed {seed} (DTTA_TEST_SEED={seed} replays this test's random choices)");
+    seed
+}
+
+/// Polls until `done()` holds, for a process that must still be running then. Panics if
+/// it exits first or if nothing happens for 10 minutes (a hang guard, not a timing
+/// condition), with `context()` (the seed, a log).
+pub fn wait_while_running(child: &mut Child, context: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the process exited ({status}) before the awaited point; {}", context());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the awaited point was not reached in 10 minutes; {}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGKILLs `child` and returns how it ended: killed, unless it had exited already.
+pub fn kill(child: &mut Child) -> ExitStatus {
+    child.kill().unwrap();
+    child.wait().unwrap()
+}
+
+/// Whether `status` is the end of a SIGKILL.
+pub fn was_killed(status: ExitStatus) -> bool {
+    std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL)
+}
