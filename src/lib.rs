@@ -8,6 +8,7 @@ pub mod config;
 pub mod image;
 pub mod model;
 pub mod pipeline;
+pub mod report;
 pub mod sample;
 pub mod shards;
 pub mod sink;

@@ -11,7 +11,6 @@
 pub mod commit;
 pub mod predictions;
 pub mod steps;
-pub mod summary;
 
 use std::collections::BTreeMap;
 

@@ -20,9 +20,9 @@ use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::AsyncArrowWriter;
 use serde::Serialize;
 
-use super::commit::read_markers;
-use super::{SinkError, Tally};
 use crate::sample::Variant;
+use crate::sink::commit::read_markers;
+use crate::sink::{SinkError, Tally};
 use crate::storage::{retrying, Location};
 
 /// One line of the table: a method, over all workers (`worker = None`) or one worker.

@@ -1,0 +1,288 @@
+//! The tables `dtta summarize` and `dtta plan` print.
+
+use std::collections::BTreeSet;
+use std::io::{self, Write};
+
+use super::percent;
+use super::summary::{Summary, VariantRow};
+use crate::storage::ShardRef;
+use crate::worker::Worker;
+
+/// `dtta summarize`: one line per method over all workers and per worker, the shards
+/// that failed and are still not committed, then the robustness table when there is one.
+pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
+    writeln!(
+        w,
+        "{}: {} committed shard(s) from {} run(s)",
+        summary.output, summary.committed_shards, summary.runs
+    )?;
+    writeln!(
+        w,
+        "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10} {:>10}",
+        "method",
+        "worker",
+        "shards",
+        "rows",
+        "not ok",
+        "labelled",
+        "top-1 before",
+        "top-1 after",
+        "ms/image",
+        "images/s"
+    )?;
+    for r in &summary.rows {
+        writeln!(
+            w,
+            "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10.2} {:>10}",
+            r.method,
+            r.worker.map_or("all".to_string(), |w| w.to_string()),
+            r.shards,
+            r.tally.rows,
+            r.tally.not_ok(),
+            r.tally.labelled,
+            percent(r.tally.accuracy_before()),
+            percent(r.tally.accuracy_after()),
+            r.ms_per_image(),
+            r.images_per_s.map_or("n/a".to_string(), |v| format!("{v:.1}"))
+        )?;
+    }
+    for (shard, error) in &summary.failed_shards {
+        writeln!(w, "failed (not committed): {shard}: {error}")?;
+    }
+    if !summary.variants.is_empty() {
+        writeln!(w)?;
+        write_robustness(w, &summary.variants)?;
+    }
+    Ok(())
+}
+
+/// The robustness table: one line per variant, top-1 after adaptation per method, then
+/// the mean over corrupted variants and each method's ms per image.
+pub fn write_robustness(w: &mut impl Write, rows: &[VariantRow]) -> io::Result<()> {
+    let mut methods: Vec<&str> = Vec::new();
+    let mut variants: Vec<(&str, u8)> = Vec::new();
+    for r in rows {
+        if !methods.contains(&r.method.as_str()) {
+            methods.push(&r.method);
+        }
+        if !variants.contains(&(r.corruption.as_str(), r.severity)) {
+            variants.push((&r.corruption, r.severity));
+        }
+    }
+    let cell = |method: &str, v: (&str, u8)| {
+        rows.iter()
+            .find(|r| r.method == method && r.corruption == v.0 && r.severity == v.1)
+    };
+    let width = methods.iter().map(|m| m.len()).max().unwrap_or(0).max(8);
+    let pct = |a: Option<f64>| a.map_or("n/a".to_string(), |a| format!("{:.1}", a * 100.0));
+    // The first column, then one right-aligned cell per method.
+    let mut line = |first: String, cells: Vec<String>| {
+        let cells: String = cells.iter().map(|c| format!(" {c:>width$}")).collect();
+        writeln!(w, "{first}{cells}")
+    };
+    line(
+        format!("{:<22} {:>3}", "top-1 (%)", "sev"),
+        methods.iter().map(|m| m.to_string()).collect(),
+    )?;
+    for &v in &variants {
+        let severity = if v.1 == 0 { "-".to_string() } else { v.1.to_string() };
+        let cells = methods
+            .iter()
+            .map(|m| pct(cell(m, v).and_then(|r| r.tally.accuracy_after())))
+            .collect();
+        line(format!("{:<22} {:>3}", v.0, severity), cells)?;
+    }
+    let means = methods
+        .iter()
+        .map(|m| {
+            let accs: Vec<f64> = variants
+                .iter()
+                .filter(|v| v.1 > 0)
+                .filter_map(|&v| cell(m, v).and_then(|r| r.tally.accuracy_after()))
+                .collect();
+            pct((!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64))
+        })
+        .collect();
+    line(format!("{:<26}", "mean over corrupted"), means)?;
+    let ms = methods
+        .iter()
+        .map(|m| {
+            let (ms, n) = rows.iter().filter(|r| r.method == *m).fold((0.0, 0u64), |(ms, n), r| {
+                (ms + r.tally.adapt_ms, n + r.tally.predicted())
+            });
+            format!("{:.1}", ms / n.max(1) as f64)
+        })
+        .collect();
+    line(format!("{:<26}", "ms per image"), ms)
+}
+
+/// `dtta plan`: this worker's share of the listed shards, each committed or to do.
+pub fn write_plan(
+    w: &mut impl Write,
+    worker: &Worker,
+    shards: &[ShardRef],
+    total_listed: usize,
+    committed: &BTreeSet<String>,
+) -> io::Result<()> {
+    let todo = shards.iter().filter(|s| !committed.contains(&s.id)).count();
+    writeln!(
+        w,
+        "worker {}/{}: {} of {} listed shard(s), {} committed, {} to do",
+        worker.index,
+        worker.count,
+        shards.len(),
+        total_listed,
+        shards.len() - todo,
+        todo
+    )?;
+    for s in shards {
+        let state = if committed.contains(&s.id) { "committed" } else { "todo" };
+        writeln!(w, "{state:>9}  {}  ({} bytes)", s.id, s.size)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::report::summary::SummaryRow;
+    use crate::sink::Tally;
+
+    /// 10 rows, one not decoded; 8 of 9 labelled right before adaptation, 9 after.
+    fn tally(adapt_ms: f64) -> Tally {
+        Tally {
+            rows: 10,
+            statuses: [("ok".to_string(), 9), ("decode_error".to_string(), 1)].into(),
+            labelled: 9,
+            correct_before: 8,
+            correct_after: 9,
+            adapt_ms,
+            by_variant: Default::default(),
+        }
+    }
+
+    fn text(write: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> String {
+        let mut buf = Vec::new();
+        write(&mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn summary_table_has_one_line_per_method_and_worker() {
+        let row = |worker, images_per_s| SummaryRow {
+            method: "tent".into(),
+            worker,
+            shards: 2,
+            tally: tally(18.0),
+            images_per_s,
+        };
+        let summary = Summary {
+            output: "out/demo/".into(),
+            committed_shards: 2,
+            rows: vec![row(None, Some(123.44)), row(Some(0), None)],
+            variants: vec![],
+            failed_shards: vec![("out/demo/shard-000002".into(), "timed out".into())],
+            runs: 1,
+        };
+        assert_eq!(
+            text(|w| write_summary(w, &summary)),
+            "\
+out/demo/: 2 committed shard(s) from 1 run(s)
+method                 worker  shards     rows  not ok  labelled  top-1 before  top-1 after   ms/image   images/s
+tent                      all       2       10       1         9        88.89%      100.00%       2.00      123.4
+tent                        0       2       10       1         9        88.89%      100.00%       2.00        n/a
+failed (not committed): out/demo/shard-000002: timed out
+"
+        );
+    }
+
+    #[test]
+    fn robustness_table_has_one_line_per_variant_then_mean_and_speed() {
+        let row = |method: &str, corruption: &str, severity, correct_after, adapt_ms| VariantRow {
+            method: method.into(),
+            corruption: corruption.into(),
+            severity,
+            tally: Tally {
+                correct_after,
+                ..tally(adapt_ms)
+            },
+        };
+        let rows = [
+            row("source", "clean", 0, 9, 1.0),
+            row("diffusion-tta", "clean", 0, 8, 90.0),
+            row("source", "gaussian_noise", 3, 3, 1.0),
+            row("diffusion-tta", "gaussian_noise", 3, 6, 90.0),
+            row("source", "fog", 5, 0, 1.0),
+        ];
+        assert_eq!(
+            text(|w| write_robustness(w, &rows)),
+            "\
+top-1 (%)              sev        source diffusion-tta
+clean                    -         100.0          88.9
+gaussian_noise           3          33.3          66.7
+fog                      5           0.0           n/a
+mean over corrupted                 16.7          66.7
+ms per image                         0.1          10.0
+"
+        );
+    }
+
+    #[test]
+    fn summary_with_variants_ends_with_the_robustness_table() {
+        let summary = Summary {
+            output: "s3://bucket/eval/".into(),
+            committed_shards: 0,
+            rows: vec![],
+            variants: vec![VariantRow {
+                method: "source".into(),
+                corruption: "clean".into(),
+                severity: 0,
+                tally: Tally::default(),
+            }],
+            failed_shards: vec![],
+            runs: 0,
+        };
+        let out = text(|w| write_summary(w, &summary));
+        let tail = "\n\ntop-1 (%)              sev   source\nclean                    -      n/a\n";
+        assert!(out.contains(tail), "{out}");
+    }
+
+    #[test]
+    fn plan_lists_each_shard_committed_or_todo() {
+        let shard = |id: &str, size| ShardRef {
+            id: id.into(),
+            path: id.into(),
+            size,
+            members: Arc::default(),
+        };
+        let shards = [shard("shard-000001", 1024), shard("shard-000004", 2048)];
+        let committed = BTreeSet::from(["shard-000001".to_string()]);
+        let worker = Worker { index: 1, count: 3 };
+        assert_eq!(
+            text(|w| write_plan(w, &worker, &shards, 10, &committed)),
+            "\
+worker 1/3: 2 of 10 listed shard(s), 1 committed, 1 to do
+committed  shard-000001  (1024 bytes)
+     todo  shard-000004  (2048 bytes)
+"
+        );
+    }
+
+    #[test]
+    fn a_closed_pipe_reaches_the_caller() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let worker = Worker { index: 0, count: 1 };
+        let err = write_plan(&mut Closed, &worker, &[], 0, &BTreeSet::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+}
