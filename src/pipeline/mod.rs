@@ -277,6 +277,20 @@ async fn execute(
         peak_rss_mib: 0.0,
         config: redacted(&config),
     };
+    // Best effort: files a run killed between its commit and its clean-up left behind.
+    let committed_here: BTreeSet<String> = plan
+        .shards
+        .iter()
+        .filter(|s| plan.committed.contains(&s.id))
+        .map(|s| s.id.clone())
+        .collect();
+    if !committed_here.is_empty() {
+        match commit::sweep_orphans(&plan.output, &committed_here).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} uncommitted file(s) of earlier runs of committed shards"),
+            Err(e) => tracing::warn!("could not look for files of earlier runs: {e}"),
+        }
+    }
     if todo.is_empty() {
         tracing::info!("nothing to do: every shard of this worker is committed");
         report.finished_at = chrono::Utc::now().to_rfc3339();

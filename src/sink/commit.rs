@@ -3,7 +3,7 @@
 //! Hazard: stores that ignore `PutMode::Create` would let two workers both "commit" a
 //! shard; every store dtta supports (S3, GCS, Azure, local, memory) honours it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -182,6 +182,54 @@ async fn remove_table_orphans(out: &Location, table: &str, shard: &str, keep_run
                 source,
             })?;
         removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Removes the data files of `committed` shards that their markers do not name. The
+/// committing run removes them itself right after its commit ([`remove_orphans`]), but a
+/// run killed between the two leaves them, and no later run would otherwise look at a
+/// committed shard again. Costs one listing per table, plus a marker read and a listing
+/// for each shard that has more than one file. Call only with shards known committed.
+pub async fn sweep_orphans(out: &Location, committed: &BTreeSet<String>) -> Result<usize, SinkError> {
+    let mut suspects = BTreeSet::new();
+    for table in super::TABLES {
+        let prefix = out.child(table);
+        let listing: Vec<_> = retrying(&format!("listing {table}/"), || {
+            out.store.list(Some(&prefix)).try_collect()
+        })
+        .await
+        .or_else(|e| match e {
+            object_store::Error::NotFound { .. } => Ok(Vec::new()),
+            e => Err(e),
+        })
+        .map_err(|source| SinkError::Store {
+            path: out.display_child(table),
+            source,
+        })?;
+        let mut files: BTreeMap<String, usize> = BTreeMap::new();
+        for meta in listing {
+            // `<table>/<shard>.<run_id>.parquet`; run ids hold no dots.
+            let shard = out
+                .relative(&meta.location)
+                .and_then(|rel| {
+                    Some(
+                        rel.strip_prefix(&format!("{table}/"))?
+                            .strip_suffix(".parquet")?
+                            .to_string(),
+                    )
+                })
+                .and_then(|name| Some(name.rsplit_once('.')?.0.to_string()));
+            if let Some(shard) = shard.filter(|s| committed.contains(s)) {
+                *files.entry(shard).or_default() += 1;
+            }
+        }
+        suspects.extend(files.into_iter().filter(|(_, n)| *n > 1).map(|(shard, _)| shard));
+    }
+    let mut removed = 0;
+    for shard in suspects {
+        let marker = read_marker(out, &shard).await?;
+        removed += remove_orphans(out, &shard, &marker.run_id).await?;
     }
     Ok(removed)
 }
