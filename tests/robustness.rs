@@ -113,7 +113,7 @@ fn corrupt_section_expands_samples_into_variants_with_one_stream_each() {
     let lines: Vec<_> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "method,corruption,severity,rows,labelled,top1_before,top1_after,ms_per_image"
+        "method,corruption,severity,rows,labelled,top1_before,top1_after,ms_per_image,denoiser_evals_per_image"
     );
     assert_eq!(lines.len(), 1 + 2 * 5, "{csv}");
     let contrast5 = format!("{:.6}", accuracy("contrast", 5));

@@ -59,6 +59,12 @@ def main():
     with torch.no_grad():
         expected = dict(zip(keys, model(x).argmax(1).tolist()))
 
+    # The adaptive-compute columns, on every row: the source spends no denoiser pass.
+    assert str(table.schema.field("denoiser_evals").type) == "int64", table.schema
+    assert str(table.schema.field("stop_reason").type) == "string", table.schema
+    if all(r["method"] == "source" for r in rows):
+        assert all(r["denoiser_evals"] == 0 and r["stop_reason"] == "none" for r in rows)
+
     seen = [r["key"] for r in rows]
     assert len(seen) == len(set(seen)), "a key appears twice"
     assert set(seen) == set(keys), f"{len(set(keys) - set(seen))} keys missing"

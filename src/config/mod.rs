@@ -266,6 +266,7 @@ impl PipelineConfig {
         if !(self.tta.lr > 0.0 && self.tta.lr.is_finite()) {
             return Err(("tta.lr", format!("{} must be a positive number", self.tta.lr)));
         }
+        self.tta.budget.validate(self.tta.budget_step_cost())?;
         if self.tta.diffusion_classifier.prune_to > 0
             && self.tta.diffusion_classifier.first_samples >= self.tta.diffusion_classifier.samples
         {

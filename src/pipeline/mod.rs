@@ -161,6 +161,10 @@ pub struct RunReport {
     pub shards_failed: Vec<FailedShard>,
     pub tally: Tally,
     pub images_per_s: f64,
+    /// Milliseconds in the method per predicted image (`tally.adapt_ms` / predicted).
+    pub ms_per_image: f64,
+    /// Denoiser forward passes per predicted image (`tally.denoiser_evals` / predicted).
+    pub denoiser_evals_per_image: f64,
     /// Seconds the adapt stage spent computing (the rest of its time it waited for input).
     pub adapt_busy_s: f64,
     /// Peak resident memory of the process so far (getrusage), in MiB.
@@ -273,6 +277,8 @@ async fn execute(
         shards_failed: Vec::new(),
         tally: Tally::default(),
         images_per_s: 0.0,
+        ms_per_image: 0.0,
+        denoiser_evals_per_image: 0.0,
         adapt_busy_s: 0.0,
         peak_rss_mib: 0.0,
         config: redacted(&config),
@@ -405,6 +411,8 @@ async fn execute(
     report.elapsed_s = started.elapsed().as_secs_f64();
     report.finished_at = chrono::Utc::now().to_rfc3339();
     report.images_per_s = report.tally.rows as f64 / report.elapsed_s.max(1e-9);
+    report.ms_per_image = report.tally.ms_per_image();
+    report.denoiser_evals_per_image = report.tally.denoiser_evals_per_image();
     report.adapt_busy_s = adapt_busy.load(Ordering::Relaxed) as f64 / 1e6;
     report.peak_rss_mib = progress::peak_rss_mib();
     commit::write_run_summary(&plan.output, &run_id, &report).await?;

@@ -50,12 +50,12 @@ pub fn write_run(w: &mut impl Write, r: &RunReport) -> io::Result<()> {
             t.labelled
         )?;
     }
-    let predicted = t.predicted();
-    if predicted > 0 {
+    if t.predicted() > 0 {
         writeln!(
             w,
-            "  compute:  {:.2} ms/image in the method, adapt stage busy {:.0}% of the run",
-            t.adapt_ms / predicted as f64,
+            "  compute:  {:.2} ms/image in the method, {:.1} denoiser evals/image, adapt stage busy {:.0}% of the run",
+            r.ms_per_image,
+            r.denoiser_evals_per_image,
             100.0 * r.adapt_busy_s / r.elapsed_s.max(1e-9)
         )?;
     }

@@ -38,7 +38,11 @@ pub struct SummaryRow {
 
 impl SummaryRow {
     pub fn ms_per_image(&self) -> f64 {
-        self.tally.adapt_ms / self.tally.predicted().max(1) as f64
+        self.tally.ms_per_image()
+    }
+
+    pub fn denoiser_evals_per_image(&self) -> f64 {
+        self.tally.denoiser_evals_per_image()
     }
 }
 
@@ -55,7 +59,11 @@ pub struct VariantRow {
 
 impl VariantRow {
     pub fn ms_per_image(&self) -> f64 {
-        self.tally.adapt_ms / self.tally.predicted().max(1) as f64
+        self.tally.ms_per_image()
+    }
+
+    pub fn denoiser_evals_per_image(&self) -> f64 {
+        self.tally.denoiser_evals_per_image()
     }
 }
 
@@ -243,6 +251,7 @@ pub async fn write(out: &Location, summary: &Summary) -> Result<Vec<String>, Sin
         Field::new("top1_after", DataType::Float64, true),
         Field::new("ms_per_image", DataType::Float64, false),
         Field::new("images_per_s", DataType::Float64, true),
+        Field::new("denoiser_evals_per_image", DataType::Float64, false),
     ]));
     let r = &summary.rows;
     let columns: Vec<ArrayRef> = vec![
@@ -256,6 +265,9 @@ pub async fn write(out: &Location, summary: &Summary) -> Result<Vec<String>, Sin
         Arc::new(Float64Array::from_iter(r.iter().map(|x| x.tally.accuracy_after()))),
         Arc::new(Float64Array::from_iter_values(r.iter().map(|x| x.ms_per_image()))),
         Arc::new(Float64Array::from_iter(r.iter().map(|x| x.images_per_s))),
+        Arc::new(Float64Array::from_iter_values(
+            r.iter().map(|x| x.denoiser_evals_per_image()),
+        )),
     ];
     let batch = RecordBatch::try_new(schema, columns).expect("columns match the schema");
     written.push(put_parquet(out, "_runs/summary.parquet", &batch).await?);
@@ -272,6 +284,7 @@ pub async fn write(out: &Location, summary: &Summary) -> Result<Vec<String>, Sin
         Field::new("top1_before", DataType::Float64, true),
         Field::new("top1_after", DataType::Float64, true),
         Field::new("ms_per_image", DataType::Float64, false),
+        Field::new("denoiser_evals_per_image", DataType::Float64, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(v.iter().map(|x| x.method.as_str()))),
@@ -282,13 +295,18 @@ pub async fn write(out: &Location, summary: &Summary) -> Result<Vec<String>, Sin
         Arc::new(Float64Array::from_iter(v.iter().map(|x| x.tally.accuracy_before()))),
         Arc::new(Float64Array::from_iter(v.iter().map(|x| x.tally.accuracy_after()))),
         Arc::new(Float64Array::from_iter_values(v.iter().map(|x| x.ms_per_image()))),
+        Arc::new(Float64Array::from_iter_values(
+            v.iter().map(|x| x.denoiser_evals_per_image()),
+        )),
     ];
     let batch = RecordBatch::try_new(schema, columns).expect("columns match the schema");
-    let mut csv = String::from("method,corruption,severity,rows,labelled,top1_before,top1_after,ms_per_image\n");
+    let mut csv = String::from(
+        "method,corruption,severity,rows,labelled,top1_before,top1_after,ms_per_image,denoiser_evals_per_image\n",
+    );
     let opt = |x: Option<f64>| x.map_or(String::new(), |x| format!("{x:.6}"));
     for x in v {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{:.3}\n",
+            "{},{},{},{},{},{},{},{:.3},{:.3}\n",
             x.method,
             x.corruption,
             x.severity,
@@ -296,7 +314,8 @@ pub async fn write(out: &Location, summary: &Summary) -> Result<Vec<String>, Sin
             x.tally.labelled,
             opt(x.tally.accuracy_before()),
             opt(x.tally.accuracy_after()),
-            x.ms_per_image()
+            x.ms_per_image(),
+            x.denoiser_evals_per_image()
         ));
     }
     written.push(put(out, "_runs/robustness.csv", csv.into_bytes()).await?);

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 
 use super::percent;
 use super::summary::{Summary, VariantRow};
+use crate::sink::Tally;
 use crate::storage::ShardRef;
 use crate::worker::Worker;
 
@@ -18,7 +19,7 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
     )?;
     writeln!(
         w,
-        "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10} {:>10}",
+        "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10} {:>12} {:>10}",
         "method",
         "worker",
         "shards",
@@ -28,12 +29,13 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
         "top-1 before",
         "top-1 after",
         "ms/image",
+        "evals/image",
         "images/s"
     )?;
     for r in &summary.rows {
         writeln!(
             w,
-            "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10.2} {:>10}",
+            "{:<22} {:>6} {:>7} {:>8} {:>7} {:>9} {:>13} {:>12} {:>10.2} {:>12.1} {:>10}",
             r.method,
             r.worker.map_or("all".to_string(), |w| w.to_string()),
             r.shards,
@@ -43,6 +45,7 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
             percent(r.tally.accuracy_before()),
             percent(r.tally.accuracy_after()),
             r.ms_per_image(),
+            r.denoiser_evals_per_image(),
             r.images_per_s.map_or("n/a".to_string(), |v| format!("{v:.1}"))
         )?;
     }
@@ -57,7 +60,8 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
 }
 
 /// The robustness table: one line per variant, top-1 after adaptation per method, then
-/// the mean over corrupted variants and each method's ms per image.
+/// the mean over corrupted variants, each method's ms per image and its mean denoiser
+/// evaluations per image.
 pub fn write_robustness(w: &mut impl Write, rows: &[VariantRow]) -> io::Result<()> {
     let mut methods: Vec<&str> = Vec::new();
     let mut variants: Vec<(&str, u8)> = Vec::new();
@@ -104,16 +108,26 @@ pub fn write_robustness(w: &mut impl Write, rows: &[VariantRow]) -> io::Result<(
         })
         .collect();
     line(format!("{:<26}", "mean over corrupted"), means)?;
-    let ms = methods
+    // Per method over all its variants.
+    let totals: Vec<Tally> = methods
         .iter()
         .map(|m| {
-            let (ms, n) = rows.iter().filter(|r| r.method == *m).fold((0.0, 0u64), |(ms, n), r| {
-                (ms + r.tally.adapt_ms, n + r.tally.predicted())
-            });
-            format!("{:.1}", ms / n.max(1) as f64)
+            let mut t = Tally::default();
+            rows.iter().filter(|r| r.method == *m).for_each(|r| t.merge(&r.tally));
+            t
         })
         .collect();
-    line(format!("{:<26}", "ms per image"), ms)
+    line(
+        format!("{:<26}", "ms per image"),
+        totals.iter().map(|t| format!("{:.1}", t.ms_per_image())).collect(),
+    )?;
+    line(
+        format!("{:<26}", "denoiser evals per image"),
+        totals
+            .iter()
+            .map(|t| format!("{:.1}", t.denoiser_evals_per_image()))
+            .collect(),
+    )
 }
 
 /// `dtta plan`: this worker's share of the listed shards, each committed or to do.
@@ -148,11 +162,12 @@ mod tests {
 
     use super::*;
     use crate::report::summary::SummaryRow;
-    use crate::sink::Tally;
 
-    /// 10 rows, one not decoded; 8 of 9 labelled right before adaptation, 9 after.
+    /// 10 rows, one not decoded; 8 of 9 labelled right before adaptation, 9 after;
+    /// 32 denoiser evaluations per predicted row.
     fn tally(adapt_ms: f64) -> Tally {
         Tally {
+            denoiser_evals: 9 * 32,
             rows: 10,
             statuses: [("ok".to_string(), 9), ("decode_error".to_string(), 1)].into(),
             labelled: 9,
@@ -190,9 +205,9 @@ mod tests {
             text(|w| write_summary(w, &summary)),
             "\
 out/demo/: 2 committed shard(s) from 1 run(s)
-method                 worker  shards     rows  not ok  labelled  top-1 before  top-1 after   ms/image   images/s
-tent                      all       2       10       1         9        88.89%      100.00%       2.00      123.4
-tent                        0       2       10       1         9        88.89%      100.00%       2.00        n/a
+method                 worker  shards     rows  not ok  labelled  top-1 before  top-1 after   ms/image  evals/image   images/s
+tent                      all       2       10       1         9        88.89%      100.00%       2.00         32.0      123.4
+tent                        0       2       10       1         9        88.89%      100.00%       2.00         32.0        n/a
 failed (not committed): out/demo/shard-000002: timed out
 "
         );
@@ -206,6 +221,8 @@ failed (not committed): out/demo/shard-000002: timed out
             severity,
             tally: Tally {
                 correct_after,
+                // The source spends no denoiser evaluation.
+                denoiser_evals: if method == "source" { 0 } else { 9 * 32 },
                 ..tally(adapt_ms)
             },
         };
@@ -225,6 +242,7 @@ gaussian_noise           3          33.3          66.7
 fog                      5           0.0           n/a
 mean over corrupted                 16.7          66.7
 ms per image                         0.1          10.0
+denoiser evals per image             0.0          32.0
 "
         );
     }

@@ -54,6 +54,10 @@ pub struct Tally {
     pub correct_after: u64,
     /// Sum of `adapt_ms` over predicted rows.
     pub adapt_ms: f64,
+    /// Sum of `denoiser_evals` over all rows (rows without a prediction spend none).
+    /// Absent from markers and run summaries written before it existed: read as 0.
+    #[serde(default)]
+    pub denoiser_evals: u64,
     /// The same counts per variant tag (`clean`, `gaussian_noise/3`, ...), when the
     /// run expands samples into corrupted variants; empty otherwise.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -73,6 +77,7 @@ impl Tally {
             self.correct_before += o.correct_before().unwrap_or(false) as u64;
         }
         self.adapt_ms += o.adapt_ms;
+        self.denoiser_evals += o.denoiser_evals;
     }
 
     pub fn merge(&mut self, other: &Tally) {
@@ -84,6 +89,7 @@ impl Tally {
         self.correct_before += other.correct_before;
         self.correct_after += other.correct_after;
         self.adapt_ms += other.adapt_ms;
+        self.denoiser_evals += other.denoiser_evals;
         for (variant, tally) in &other.by_variant {
             self.by_variant.entry(variant.clone()).or_default().merge(tally);
         }
@@ -105,6 +111,16 @@ impl Tally {
             .filter(|s| s.is_predicted())
             .map(|s| self.statuses.get(s.as_str()).copied().unwrap_or(0))
             .sum()
+    }
+
+    /// Mean milliseconds in the method per predicted row.
+    pub fn ms_per_image(&self) -> f64 {
+        self.adapt_ms / self.predicted().max(1) as f64
+    }
+
+    /// Mean denoiser evaluations per predicted row.
+    pub fn denoiser_evals_per_image(&self) -> f64 {
+        self.denoiser_evals as f64 / self.predicted().max(1) as f64
     }
 
     /// Rows whose status is not `ok`.

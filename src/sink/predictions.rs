@@ -36,6 +36,10 @@ pub fn schema() -> SchemaRef {
                 // The variant ([corrupt]): `clean` and 0 for the image as decoded.
                 Field::new("corruption", DataType::Utf8, false),
                 Field::new("severity", DataType::Int32, false),
+                // Adaptive compute: denoiser forward passes spent on the row (one per
+                // (t, eps) pair, per class scored), and why adaptation ended early.
+                Field::new("denoiser_evals", DataType::Int64, false),
+                Field::new("stop_reason", DataType::Utf8, false),
             ]))
         })
         .clone()
@@ -76,6 +80,12 @@ pub fn record_batch(run_id: &str, shard: &str, method: &str, rows: &[Outcome]) -
         )),
         Arc::new(Int32Array::from_iter_values(
             rows.iter().map(|r| r.variant.severity as i32),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.denoiser_evals as i64),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.stop_reason.as_str()),
         )),
     ];
     RecordBatch::try_new(schema(), columns).expect("columns match the schema")

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::budget::{BudgetConfig, StepCost};
+
 /// The method and its knobs. Defaults are the reference defaults of ALGORITHM.md.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -35,9 +37,33 @@ pub struct TtaConfig {
     pub max_batch: usize,
     pub tent: TentConfig,
     pub diffusion_classifier: DiffusionClassifierConfig,
+    /// Adaptive compute per image (episodic diffusion methods); all off by default.
+    pub budget: BudgetConfig,
 }
 
 impl TtaConfig {
+    /// What one adaptation step of the configured method costs, for `[tta.budget]`; or
+    /// why the method takes no budget. Online mode is refused: its adapted state carries
+    /// across images, so "the source prediction" of an image and a per-image cap mean
+    /// something else there (ALGORITHM.md gates episodic adaptation).
+    pub fn budget_step_cost(&self) -> Result<StepCost, String> {
+        match (self.method, self.mode) {
+            (MethodName::DiffusionTta, Mode::Episodic) => Ok(StepCost {
+                steps: self.steps,
+                evals: (self.accum * self.samples_per_step) as u64,
+            }),
+            (MethodName::DiffusionTta, Mode::Online) => Err(
+                "adaptive compute is per image: it applies to tta.mode = \"episodic\" only; \
+                 remove [tta.budget] or set tta.mode = \"episodic\""
+                    .into(),
+            ),
+            (method, _) => Err(format!(
+                "{} does not adapt with a denoiser; [tta.budget] applies to diffusion-tta (episodic)",
+                method.as_str()
+            )),
+        }
+    }
+
     /// The `method` column and summary label: the method, with `-online` when
     /// Diffusion-TTA runs in online mode (TENT is always online).
     pub fn method_column(&self) -> &'static str {
@@ -71,6 +97,7 @@ impl Default for TtaConfig {
             max_batch: 64,
             tent: TentConfig::default(),
             diffusion_classifier: DiffusionClassifierConfig::default(),
+            budget: BudgetConfig::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! and the device.
 
 pub mod autocast;
+pub mod budget;
 mod config;
 pub mod methods;
 pub mod optim;
@@ -14,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::image::Prepared;
 use crate::sample::{Defect, Status, Variant};
+pub use budget::{BudgetConfig, Gate, StepCost, StopReason};
 pub use config::{
     Adapt, DiffusionClassifierConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig, Timesteps,
     TtaConfig,
@@ -40,6 +42,13 @@ pub struct Outcome {
     pub loss_last: Option<f32>,
     pub steps: u32,
     pub adapt_ms: f64,
+    /// Denoiser forward passes spent on this row, counted per image: one per (t, eps)
+    /// pair (and per class condition scored) that went through the denoiser, however
+    /// the pairs were batched. 0 for source and TENT.
+    pub denoiser_evals: u64,
+    /// Why adaptation ended before its configured steps ([`StopReason::None`] when no
+    /// gate fired and the loss stayed finite).
+    pub stop_reason: StopReason,
     pub step_log: Vec<StepRecord>,
 }
 
@@ -110,6 +119,8 @@ impl Outcome {
             loss_last: None,
             steps: 0,
             adapt_ms: 0.0,
+            denoiser_evals: 0,
+            stop_reason: StopReason::None,
             step_log: Vec::new(),
         }
     }

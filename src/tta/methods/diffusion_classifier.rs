@@ -51,8 +51,9 @@ impl DiffusionClassifier {
         }
     }
 
-    /// Summed losses `[classes]` of `classes` over the pairs `(t, eps)`.
-    fn losses(&self, z0: &Tensor, t: &Tensor, eps: &Tensor, classes: &Tensor) -> Result<Tensor, tch::TchError> {
+    /// Summed losses `[classes]` of `classes` over the pairs `(t, eps)`, and the
+    /// denoiser evaluations that took (one per class and pair).
+    fn losses(&self, z0: &Tensor, t: &Tensor, eps: &Tensor, classes: &Tensor) -> Result<(Tensor, u64), tch::TchError> {
         let n = t.size()[0];
         let k = classes.size()[0];
         let z_t = add_noise(&self.diffusion.alphas_cumprod, z0, t, eps);
@@ -77,7 +78,10 @@ impl DiffusionClassifier {
             sums.push(Tensor::zeros([k], (Kind::Float, self.diffusion.device)).index_add(0, &class_of, &per));
             start += len;
         }
-        Ok(Tensor::stack(&sums, 0).sum_dim_intlist(0, false, Kind::Float))
+        Ok((
+            Tensor::stack(&sums, 0).sum_dim_intlist(0, false, Kind::Float),
+            total as u64,
+        ))
     }
 }
 
@@ -92,7 +96,8 @@ impl Method for DiffusionClassifier {
             let device = self.diffusion.device;
             let side = self.diffusion.view.resolution as i64;
             let channels = self.diffusion.view.channels.count() as i64;
-            let (before, result) = tch::no_grad(|| -> Result<(Prediction, (Tensor, Tensor)), tch::TchError> {
+            type Scored = (Prediction, (Tensor, Tensor), u64);
+            let (before, result, evals) = tch::no_grad(|| -> Result<Scored, tch::TchError> {
                 let logits = self.classifier.logits(&self.classifier.batch_from(&[pixels]))?;
                 let before = predictions(&logits, self.topk)?.remove(0);
                 let x_gen = Tensor::from_slice(gen)
@@ -105,18 +110,18 @@ impl Method for DiffusionClassifier {
                     .draw(0, self.cfg.samples, &self.diffusion.latent_shape, device);
                 let k = self.diffusion.embeddings.size()[0];
                 let all = Tensor::arange(k, (Kind::Int64, device));
-                let (classes, losses) = if self.cfg.prune_to > 0 && (self.cfg.prune_to as i64) < k {
+                let (classes, losses, evals) = if self.cfg.prune_to > 0 && (self.cfg.prune_to as i64) < k {
                     let m = self.cfg.first_samples as i64;
-                    let first = self.losses(&z0, &t.narrow(0, 0, m), &eps.narrow(0, 0, m), &all)?;
+                    let (first, n1) = self.losses(&z0, &t.narrow(0, 0, m), &eps.narrow(0, 0, m), &all)?;
                     let keep = first.topk(self.cfg.prune_to as i64, -1, false, true).1;
                     let rest = self.cfg.samples as i64 - m;
-                    let more = self.losses(&z0, &t.narrow(0, m, rest), &eps.narrow(0, m, rest), &keep)?;
-                    (keep.shallow_clone(), first.index_select(0, &keep) + more)
+                    let (more, n2) = self.losses(&z0, &t.narrow(0, m, rest), &eps.narrow(0, m, rest), &keep)?;
+                    (keep.shallow_clone(), first.index_select(0, &keep) + more, n1 + n2)
                 } else {
-                    let l = self.losses(&z0, &t, &eps, &all)?;
-                    (all, l)
+                    let (l, n) = self.losses(&z0, &t, &eps, &all)?;
+                    (all, l, n)
                 };
-                Ok((before, (classes, losses / self.cfg.samples as f64)))
+                Ok((before, (classes, losses / self.cfg.samples as f64), evals))
             })?;
             let (classes, mean_losses) = result;
             let scores = (-&mean_losses).softmax(-1, Kind::Float);
@@ -136,6 +141,7 @@ impl Method for DiffusionClassifier {
             o.loss_first = Some(best_loss);
             o.loss_last = Some(best_loss);
             o.adapt_ms = started.elapsed().as_secs_f64() * 1e3;
+            o.denoiser_evals = evals;
             Ok(o)
         })
     }

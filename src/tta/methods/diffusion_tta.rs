@@ -4,8 +4,16 @@
 //!
 //! Invariants: the classifier runs in eval mode (BatchNorm statistics are read, never
 //! written); in episodic mode every adapted parameter and the optimizer state are back
-//! to their pre-image values, bit for bit, before the next image; a non-finite loss
-//! stops the image, keeps the source prediction and restores the weights.
+//! to their pre-image values, bit for bit, before the next image; a non-finite loss,
+//! gradient or adapted prediction stops the image (`stop_reason` `diverged`), keeps the
+//! source prediction and restores the weights.
+//!
+//! Adaptive compute (`[tta.budget]`, episodic only, see [`crate::tta::budget`]): a
+//! confident image is not adapted; a step that would pass `max_evals` is not started;
+//! with `stable_steps` the classifier predicts after every step and adaptation stops
+//! once its answer has not changed for that many steps. Denoiser evaluations are counted
+//! per image, one per (t, eps) pair, fused or not: `steps x accum x samples_per_step`
+//! for an image that runs every step.
 //! Device work is not synchronised inside an iteration: the host reads one loss per
 //! optimizer step (to catch divergence) and the rest once per image.
 
@@ -20,7 +28,9 @@ use crate::sample::Status;
 use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, NoiseSource, SeededNoise};
-use crate::tta::{predictions, Loss, Mode, Outcome, Precision, Prediction, StepRecord, TtaConfig};
+use crate::tta::{
+    predictions, BudgetConfig, Loss, Mode, Outcome, Precision, Prediction, StepRecord, StopReason, TtaConfig,
+};
 
 /// The knobs of the loop, from `[tta]`.
 #[derive(Debug, Clone)]
@@ -36,6 +46,7 @@ pub struct Knobs {
     /// Run a step's pairs as one batch (chunks of `max_batch`) instead of `accum` iterations.
     pub fuse: bool,
     pub max_batch: usize,
+    pub budget: BudgetConfig,
 }
 
 impl Knobs {
@@ -51,6 +62,7 @@ impl Knobs {
             precision: cfg.precision,
             fuse: cfg.fuse_accum,
             max_batch: cfg.max_batch,
+            budget: cfg.budget.clone(),
         }
     }
 }
@@ -66,6 +78,10 @@ pub struct Adapted {
     pub steps: Vec<StepRecord>,
     /// Why adaptation stopped early, if it diverged.
     pub diverged: Option<String>,
+    /// Denoiser evaluations spent (one per (t, eps) pair through the denoiser).
+    pub denoiser_evals: u64,
+    /// Why adaptation ended before `steps` ([`StopReason::None`]: it did not).
+    pub stop_reason: StopReason,
     pub elapsed_ms: f64,
 }
 
@@ -95,6 +111,9 @@ impl DiffusionTta {
         if cfg.precision == Precision::Bf16 {
             crate::tta::autocast::check_supported(classifier.device)?;
         }
+        cfg.budget
+            .validate(cfg.budget_step_cost())
+            .map_err(|(key, message)| tch::TchError::Kind(format!("{key}: {message}")))?;
         let params = AdaptedParams::select(
             classifier.named_parameters()?,
             diffusion.named_parameters()?,
@@ -164,9 +183,22 @@ impl DiffusionTta {
             .view([1, view.channels.count() as i64, side, side])
             .to_device(device);
         self.classifier.set_eval();
-        let z0 = tch::no_grad(|| self.autocast(|| self.diffusion.encode(&x_gen)))?.to_kind(Kind::Float);
         let logits0 = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
         let before = predictions(&logits0, k.topk)?.remove(0);
+        let mut gate = k.budget.start(&before);
+        if let Some(reason) = gate.skip() {
+            return Ok(Adapted {
+                after: before.clone(),
+                before,
+                iteration_losses: Vec::new(),
+                steps: Vec::new(),
+                diverged: None,
+                denoiser_evals: 0,
+                stop_reason: reason,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+        let z0 = tch::no_grad(|| self.autocast(|| self.diffusion.encode(&x_gen)))?.to_kind(Kind::Float);
         let classes = (k.adapt_topk > 0).then(|| {
             let kk = (k.adapt_topk as i64).min(logits0.size()[1]);
             logits0.topk(kk, -1, true, true).1.squeeze_dim(0)
@@ -182,7 +214,15 @@ impl DiffusionTta {
         let mut step_metrics: Vec<Tensor> = Vec::with_capacity(k.steps);
         let mut step_host: Vec<(f32, f64)> = Vec::with_capacity(k.steps);
         let mut diverged = None;
+        let mut stop_reason = StopReason::None;
+        // The prediction after the latest update, when the gate asked for it.
+        let mut predicted_after: Option<Prediction> = None;
+        let step_evals = (k.accum * k.samples) as u64;
         for step in 0..k.steps {
+            if let Some(reason) = gate.before_step(step_evals) {
+                stop_reason = reason;
+                break;
+            }
             let mut step_loss = Tensor::zeros([], (Kind::Float, device));
             let logits_seen;
             if k.fuse {
@@ -196,6 +236,7 @@ impl DiffusionTta {
                 let t = Tensor::cat(&draws.iter().map(|d| d.0.shallow_clone()).collect::<Vec<_>>(), 0);
                 let eps = Tensor::cat(&draws.iter().map(|d| d.1.shallow_clone()).collect::<Vec<_>>(), 0);
                 let total = t.size()[0];
+                gate.charge(total as u64);
                 let (logits, cond) = self.autocast(|| self.condition_of(&x, classes.as_ref()))?;
                 let leaf = cond.detach().set_requires_grad(true);
                 let mut start = 0;
@@ -221,6 +262,7 @@ impl DiffusionTta {
                 let mut last = None;
                 for a in 0..k.accum {
                     let (t, eps) = self.noise.draw(step * k.accum + a, k.samples, &latent, device);
+                    gate.charge(t.size()[0] as u64);
                     let (loss, logits) = self.autocast(|| -> Result<(Tensor, Tensor), tch::TchError> {
                         // The reference loop: the classifier re-runs every iteration.
                         let (logits, cond) = self.condition_of(&x, classes.as_ref())?;
@@ -234,14 +276,21 @@ impl DiffusionTta {
                 }
                 logits_seen = last.expect("accum >= 1");
             }
-            let loss_value = f64::try_from(&step_loss)?; // the one sync per step
-            if !loss_value.is_finite() {
-                diverged = Some(format!(
-                    "loss became {loss_value} at step {step}; source prediction kept"
-                ));
+            let grad_norm = self.params.grad_norm().to_device(device);
+            // The one sync per step: the loss and the gradient norm together.
+            let checked = Tensor::stack(&[step_loss.to_kind(Kind::Double), grad_norm.to_kind(Kind::Double)], 0);
+            let checked = Vec::<f64>::try_from(checked.to_device(Device::Cpu))?;
+            let (loss_value, grad_value) = (checked[0], checked[1]);
+            if !loss_value.is_finite() || !grad_value.is_finite() {
+                let what = if loss_value.is_finite() {
+                    "gradient norm"
+                } else {
+                    "loss"
+                };
+                let value = if loss_value.is_finite() { grad_value } else { loss_value };
+                diverged = Some(format!("{what} became {value} at step {step}; source prediction kept"));
                 break;
             }
-            let grad_norm = self.params.grad_norm();
             self.optimizer.step(&self.params.tensors)?;
             self.params.zero_grad();
             let probs = logits_seen.to_kind(Kind::Float).softmax(-1, Kind::Float);
@@ -252,16 +301,47 @@ impl DiffusionTta {
                 0,
             ));
             step_host.push((loss_value as f32, started.elapsed().as_secs_f64() * 1e3));
+            if gate.wants_step_predictions() {
+                let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
+                let now = predictions(&logits, k.topk)?.remove(0);
+                if !now.conf.is_finite() {
+                    diverged = Some(format!(
+                        "prediction became {} after step {step}; source prediction kept",
+                        now.conf
+                    ));
+                    break;
+                }
+                let fired = gate.after_step(now.class);
+                predicted_after = Some(now);
+                // At the last step nothing is left to save: the steps ran in full.
+                if let Some(reason) = fired.filter(|_| step + 1 < k.steps) {
+                    stop_reason = reason;
+                    break;
+                }
+            }
         }
         self.params.zero_grad();
 
-        let after = if diverged.is_some() {
-            self.roll_back();
-            before.clone()
-        } else {
-            let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
-            predictions(&logits, k.topk)?.remove(0)
+        let mut after = match (&diverged, predicted_after) {
+            (Some(_), _) => before.clone(),
+            // The weights have not changed since that prediction.
+            (None, Some(p)) => p,
+            (None, None) => {
+                let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
+                predictions(&logits, k.topk)?.remove(0)
+            }
         };
+        if diverged.is_none() && !after.conf.is_finite() {
+            diverged = Some(format!(
+                "prediction became {} after adaptation; source prediction kept",
+                after.conf
+            ));
+            after = before.clone();
+        }
+        if diverged.is_some() {
+            self.roll_back();
+            stop_reason = StopReason::Diverged;
+        }
         if k.mode == Mode::Episodic {
             self.reset();
         }
@@ -299,6 +379,8 @@ impl DiffusionTta {
             iteration_losses,
             steps,
             diverged,
+            denoiser_evals: gate.evals(),
+            stop_reason,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -393,6 +475,8 @@ impl Method for DiffusionTta {
             o.loss_last = adapted.steps.last().map(|s| s.loss);
             o.steps = adapted.steps.len() as u32;
             o.adapt_ms = adapted.elapsed_ms;
+            o.denoiser_evals = adapted.denoiser_evals;
+            o.stop_reason = adapted.stop_reason;
             o.step_log = adapted.steps;
             if let Some(reason) = adapted.diverged {
                 o.status = Status::Diverged;
