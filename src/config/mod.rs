@@ -266,6 +266,13 @@ impl PipelineConfig {
         if !(self.tta.lr > 0.0 && self.tta.lr.is_finite()) {
             return Err(("tta.lr", format!("{} must be a positive number", self.tta.lr)));
         }
+        let dusa = &self.tta.dusa;
+        positive("tta.dusa.topk", dusa.topk)?;
+        positive("tta.dusa.steps", dusa.steps)?;
+        positive("tta.dusa.accum", dusa.accum)?;
+        if !(dusa.lr > 0.0 && dusa.lr.is_finite()) {
+            return Err(("tta.dusa.lr", format!("{} must be a positive number", dusa.lr)));
+        }
         if self.tta.diffusion_classifier.prune_to > 0
             && self.tta.diffusion_classifier.first_samples >= self.tta.diffusion_classifier.samples
         {

@@ -35,14 +35,16 @@ pub struct TtaConfig {
     pub max_batch: usize,
     pub tent: TentConfig,
     pub diffusion_classifier: DiffusionClassifierConfig,
+    pub dusa: DusaConfig,
 }
 
 impl TtaConfig {
     /// The `method` column and summary label: the method, with `-online` when
-    /// Diffusion-TTA runs in online mode (TENT is always online).
+    /// Diffusion-TTA or DUSA runs in online mode (TENT is always online).
     pub fn method_column(&self) -> &'static str {
         match (self.method, self.mode) {
             (MethodName::DiffusionTta, Mode::Online) => "diffusion-tta-online",
+            (MethodName::Dusa, Mode::Online) => "dusa-online",
             (method, _) => method.as_str(),
         }
     }
@@ -71,6 +73,7 @@ impl Default for TtaConfig {
             max_batch: 64,
             tent: TentConfig::default(),
             diffusion_classifier: DiffusionClassifierConfig::default(),
+            dusa: DusaConfig::default(),
         }
     }
 }
@@ -114,6 +117,40 @@ impl Default for DiffusionClassifierConfig {
     }
 }
 
+/// DUSA (ALGORITHM.md, "DUSA"): one timestep, a few candidate classes, a mixture of
+/// their noise predictions. `tta.mode`, `tta.adapt` and `tta.precision` apply; the
+/// optimizer is Adam (no weight decay).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DusaConfig {
+    /// The one diffusion timestep, in 0..T.
+    pub timestep: usize,
+    /// Candidates from the top of the classifier's logits.
+    pub topk: usize,
+    /// Candidates drawn without replacement from the other classes, with the
+    /// classifier's probabilities.
+    pub random: usize,
+    pub lr: f64,
+    /// Optimizer steps per image (episodic mode; online mode runs one pass per batch).
+    pub steps: usize,
+    /// Passes (episodic: per-image iterations; online: batches) whose gradients
+    /// accumulate into one optimizer step.
+    pub accum: usize,
+}
+
+impl Default for DusaConfig {
+    fn default() -> Self {
+        DusaConfig {
+            timestep: 100,
+            topk: 4,
+            random: 2,
+            lr: 1e-5,
+            steps: 1,
+            accum: 1,
+        }
+    }
+}
+
 /// Test-time adaptation methods of ALGORITHM.md.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -123,6 +160,7 @@ pub enum MethodName {
     Tent,
     DiffusionClassifier,
     DiffusionTta,
+    Dusa,
 }
 
 impl MethodName {
@@ -132,12 +170,16 @@ impl MethodName {
             MethodName::Tent => "tent",
             MethodName::DiffusionClassifier => "diffusion-classifier",
             MethodName::DiffusionTta => "diffusion-tta",
+            MethodName::Dusa => "dusa",
         }
     }
 
     /// Whether the method needs the bundle's diffusion model.
     pub fn needs_diffusion(self) -> bool {
-        matches!(self, MethodName::DiffusionClassifier | MethodName::DiffusionTta)
+        matches!(
+            self,
+            MethodName::DiffusionClassifier | MethodName::DiffusionTta | MethodName::Dusa
+        )
     }
 }
 

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::image::Prepared;
 use crate::sample::{Defect, Status, Variant};
 pub use config::{
-    Adapt, DiffusionClassifierConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig, Timesteps,
+    Adapt, DiffusionClassifierConfig, DusaConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig, Timesteps,
     TtaConfig,
 };
 pub use methods::Method;
