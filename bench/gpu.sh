@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Seconds per image of Diffusion-TTA at the paper's budget: dtta against the Python
 # reference loop (tools/reference_tta.py --images), on the same images, the same bundle
-# and the same per-image (t, eps) draws, in fp32 and (on CUDA) bf16.
+# and the same per-image (t, eps) draws, in fp32 and (on CUDA) bf16. Beside it, the same
+# run measures DUSA (method dusa, online, DUSA's batch of 64 = 8 images x accum 8,
+# 4 + 2 candidates at t = 100) on the same bundle.
 #
 #   bench/gpu.sh [--tiny] [--images N] [--device cuda|cpu] [--max-batch N] [--threads N]
 #                [--unfused] [--keep] [--bundle DIR --shard TAR] [--json PATH]
+#                [--cases diffusion-tta,dusa] [--dusa-images N] [--dusa-batch N] [--dusa-accum N]
 #
 # Real size (the default; needs a GPU): tools/export_bundle.py builds ConvNeXt-Tiny,
 # DiT-XL/2-256 (1000-class label table) and the SD VAE encoder with random weights and
@@ -31,6 +34,14 @@
 #   runs the demo bundle on demo digits this way, on the CPU).
 # --json PATH: where the results go (default target/bench/gpu.json).
 # --keep: keep the work folder (the real bundle is 3 GB; removed by default).
+# --cases: which cases run (comma-separated; default both). `dusa` alone skips the
+#   Diffusion-TTA runs and the reference.
+# --dusa-images N: images of the dusa case (default 72: 9 batches of 8, the first batch a
+#   warm-up left out of the mean), its own shard of generated images (with --shard, that
+#   shard). --dusa-batch / --dusa-accum: runtime.batch_size and tta.dusa.accum (default 8
+#   and 8: DUSA's 64 images per optimizer step; 64 images x 6 candidates as one DiT-XL/2
+#   batch with gradients would not fit in GPU memory in fp32). DUSA has no reference
+#   loop in images mode; its parity is tests/engine.rs.
 #
 # Environment: PYTHON (a python with torch; default .venv/bin/python, else python3),
 # DTTA_BIN (default target/release/dtta), BENCH_WORK (work folder).
@@ -52,6 +63,10 @@ KEEP=0
 BUNDLE=""
 GIVEN_SHARD=""
 JSON_OUT=""
+CASES="diffusion-tta,dusa"
+DUSA_IMAGES=72
+DUSA_BATCH=8
+DUSA_ACCUM=8
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --tiny) TINY=1 ;;
@@ -64,12 +79,26 @@ while [[ $# -gt 0 ]]; do
         --bundle) BUNDLE="${2:?--bundle needs a folder}"; shift ;;
         --shard) GIVEN_SHARD="${2:?--shard needs a tar}"; shift ;;
         --json) JSON_OUT="${2:?--json needs a path}"; shift ;;
+        --cases) CASES="${2:?--cases needs a list}"; shift ;;
+        --dusa-images) DUSA_IMAGES="${2:?--dusa-images needs a number}"; shift ;;
+        --dusa-batch) DUSA_BATCH="${2:?--dusa-batch needs a number}"; shift ;;
+        --dusa-accum) DUSA_ACCUM="${2:?--dusa-accum needs a number}"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
-[[ "$IMAGES" =~ ^[1-9][0-9]*$ ]] || { echo "bench/gpu.sh: --images must be a positive number" >&2; exit 2; }
+for n in "$IMAGES" "$DUSA_IMAGES" "$DUSA_BATCH" "$DUSA_ACCUM"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "bench/gpu.sh: --images, --dusa-images, --dusa-batch and --dusa-accum must be positive numbers" >&2; exit 2; }
+done
+RUN_TTA=0 RUN_DUSA=0
+for c in ${CASES//,/ }; do
+    case "$c" in
+        diffusion-tta) RUN_TTA=1 ;;
+        dusa) RUN_DUSA=1 ;;
+        *) echo "bench/gpu.sh: unknown case $c in --cases (diffusion-tta, dusa)" >&2; exit 2 ;;
+    esac
+done
 
 started=$(date +%s.%N)
 elapsed() { python_float "$(date +%s.%N) - $started"; }
@@ -140,7 +169,8 @@ say "bundle ready: $BUNDLE"
 # 2. The images (unless --shard): one WebDataset shard of PNGs (lossless, so dtta and PIL decode the same
 #    pixels), from scikit-learn's two sample photos (shifted crops, flips) when it is
 #    installed, else smooth random images.
-[[ -z "$GIVEN_SHARD" ]] && "$PY" - "$WORK/images" "$IMAGES" <<'EOF'
+make_shard() {  # dir count
+"$PY" - "$1" "$2" <<'EOF'
 import io, os, sys, tarfile
 import numpy as np
 from PIL import Image
@@ -176,7 +206,13 @@ with tarfile.open(os.path.join(out, "shard-000000.tar"), "w", format=tarfile.UST
             tar.addfile(info, io.BytesIO(payload))
 print(f"  {n} image(s) ({source}) in {out}/shard-000000.tar")
 EOF
+}
+if [[ -z "$GIVEN_SHARD" ]]; then
+    if [[ "$RUN_TTA" == 1 ]]; then make_shard "$WORK/images" "$IMAGES"; fi
+    if [[ "$RUN_DUSA" == 1 ]]; then make_shard "$WORK/dusa-images" "$DUSA_IMAGES"; fi
+fi
 SHARD="${GIVEN_SHARD:-$WORK/images/shard-000000.tar}"
+DUSA_SHARD="${GIVEN_SHARD:-$WORK/dusa-images/shard-000000.tar}"
 
 # 3. dtta, then the reference, per precision.
 run_dtta() {  # tag precision fuse
@@ -230,25 +266,76 @@ run_reference() {  # precision
     say "reference $prec: $(tail -n 1 "$WORK/ref-$prec.log" | sed 's/^reference: //')"
 }
 
-TAGS=()
-for prec in "${PRECISIONS[@]}"; do
-    run_dtta "$prec" "$prec" true
-    TAGS+=("$prec")
-    if [[ "$UNFUSED" == 1 ]]; then
-        run_dtta "$prec-unfused" "$prec" false
-        TAGS+=("$prec-unfused")
+run_dusa() {  # precision
+    local prec=$1 tag="dusa-$1"
+    cat >"$WORK/pipeline-$tag.toml" <<EOF
+[input]
+url = "$DUSA_SHARD"
+format = "webdataset"
+
+[output]
+url = "$WORK/dtta-$tag/"
+
+[model]
+bundle = "$BUNDLE"
+
+[tta]
+method = "dusa"
+mode = "online"
+precision = "$prec"
+
+[tta.dusa]
+timestep = 100
+topk = 4
+random = 2
+accum = $DUSA_ACCUM
+
+[runtime]
+device = "$DEVICE"
+torch_threads = $THREADS
+batch_size = $DUSA_BATCH
+seed = 0
+EOF
+    local t0 t1
+    t0=$(date +%s.%N)
+    if ! "$DTTA" run "$WORK/pipeline-$tag.toml" --no-progress >"$WORK/dtta-$tag.log" 2>&1; then
+        tail -n 20 "$WORK/dtta-$tag.log" >&2
+        echo "bench/gpu.sh: dtta run ($tag) failed; log: $WORK/dtta-$tag.log" >&2
+        exit 1
     fi
-    run_reference "$prec"
+    t1=$(date +%s.%N)
+    python_float "$t1 - $t0" >"$WORK/dtta-$tag.wall"
+    say "dtta $tag: done in $(cat "$WORK/dtta-$tag.wall")s (process wall time, model load included)"
+}
+
+TAGS=()
+DUSA_TAGS=()
+for prec in "${PRECISIONS[@]}"; do
+    if [[ "$RUN_TTA" == 1 ]]; then
+        run_dtta "$prec" "$prec" true
+        TAGS+=("$prec")
+        if [[ "$UNFUSED" == 1 ]]; then
+            run_dtta "$prec-unfused" "$prec" false
+            TAGS+=("$prec-unfused")
+        fi
+        run_reference "$prec"
+    fi
+    if [[ "$RUN_DUSA" == 1 ]]; then
+        run_dusa "$prec"
+        DUSA_TAGS+=("dusa-$prec")
+    fi
 done
 
 # 4. The table and target/bench/gpu.json.
-"$PY" - "$WORK" "$JSON_OUT" "$DEVICE" "$SIZE" "$IMAGES" "$MAX_BATCH" "$THREADS" "$(elapsed)" "${TAGS[@]}" <<'EOF'
+"$PY" - "$WORK" "$JSON_OUT" "$DEVICE" "$SIZE" "$IMAGES" "$MAX_BATCH" "$THREADS" "$(elapsed)" \
+    "$DUSA_BATCH" "$DUSA_ACCUM" "${DUSA_TAGS[*]:-}" "${TAGS[@]}" <<'EOF'
 import glob, json, os, sys
 
-work, out, device, size, images, max_batch, threads, elapsed = sys.argv[1:9]
-tags = sys.argv[9:]
+work, out, device, size, images, max_batch, threads, elapsed, dusa_batch, dusa_accum, dusa_tags = sys.argv[1:12]
+tags = sys.argv[12:]
+dusa_tags = dusa_tags.split()
 
-def dtta_result(tag):
+def dtta_result(tag, warmup=1):
     runs = [json.load(open(p)) for p in glob.glob(f"{work}/dtta-{tag}/_runs/*.json")
             if not os.path.basename(p).startswith("summary")]
     run = runs[0]
@@ -262,7 +349,7 @@ def dtta_result(tag):
         pass
     rows.sort(key=lambda r: r["key"])
     if rows:
-        timed = rows[1:] if len(rows) > 1 else rows
+        timed = rows[warmup:] if len(rows) > warmup else rows
         s_per_image = sum(r["adapt_ms"] for r in timed) / len(timed) / 1e3
         source = "adapt_ms per image from predictions/*.parquet, warm-up left out"
     else:  # no pyarrow: the run summary's mean, warm-up included
@@ -305,27 +392,52 @@ for tag in tags:
         "reference_nonfinite": sum(r["nonfinite"] for r in ref["results"]),
     })
 
-print()
-print(f"Diffusion-TTA seconds per image, {size} models on {gpu or device} (torch threads {threads if threads != '0' else 'default'}), {images} image(s) "
-      f"(first = warm-up, left out), steps 5 x accum 12 x samples 15 (180 (t, eps) pairs per step)")
-head = f"{'config':<14} {'reference s/img':>16} {'dtta s/img':>11} {'ref/dtta':>9} {'pred_after agree':>17} {'loss_first rel diff':>20}"
-print(head)
-print("-" * len(head))
-for r in table:
-    rel = "n/a" if r["loss_first_max_rel_diff"] is None else f"{r['loss_first_max_rel_diff']:.1e}"
-    print(f"{r['config']:<14} {r['reference_s_per_image']:>16.4f} {r['dtta_s_per_image']:>11.4f} "
-          f"{r['ratio_reference_over_dtta']:>8.2f}x {r['pred_after_agree']:>17} {rel:>20}")
-for r in table:
-    bad = {k: v for k, v in r["dtta_statuses"].items() if k != "ok"}
-    if bad or r["reference_nonfinite"]:
-        print(f"note: {r['config']}: dtta statuses {r['dtta_statuses']}, reference non-finite images {r['reference_nonfinite']}")
-print(f"dtta: fuse_accum {'true' if all(r['fuse_accum'] for r in table) else 'true/false'}, max_batch {max_batch}; "
-      "reference: the published loop (classifier every iteration, 15 pairs per iteration); same (t, eps) draws")
-if device == "cpu":
-    print("bf16: not measured (CUDA autocast only; dtta refuses precision = \"bf16\" on the CPU)")
+dusa = []
+for tag in dusa_tags:
+    d = dtta_result(tag, warmup=int(dusa_batch))
+    full = next((r for r in table if r["config"] == tag[len("dusa-"):]), None)
+    dusa.append({
+        "config": tag, "precision": tag[len("dusa-"):], "batch_size": int(dusa_batch), "accum": int(dusa_accum),
+        "candidates": 6, "timestep": 100, "denoiser_evals_per_image": 6, "dtta_s_per_image": d["s_per_image"],
+        "diffusion_tta_over_dusa": full["dtta_s_per_image"] / d["s_per_image"] if full else None,
+        "dtta": {k: v for k, v in d.items() if k != "rows"}, "dtta_statuses": d["statuses"],
+    })
+
+if table:
+    print()
+    print(f"Diffusion-TTA seconds per image, {size} models on {gpu or device} (torch threads {threads if threads != '0' else 'default'}), {images} image(s) "
+          f"(first = warm-up, left out), steps 5 x accum 12 x samples 15 (180 (t, eps) pairs per step)")
+    head = f"{'config':<14} {'reference s/img':>16} {'dtta s/img':>11} {'ref/dtta':>9} {'pred_after agree':>17} {'loss_first rel diff':>20}"
+    print(head)
+    print("-" * len(head))
+    for r in table:
+        rel = "n/a" if r["loss_first_max_rel_diff"] is None else f"{r['loss_first_max_rel_diff']:.1e}"
+        print(f"{r['config']:<14} {r['reference_s_per_image']:>16.4f} {r['dtta_s_per_image']:>11.4f} "
+              f"{r['ratio_reference_over_dtta']:>8.2f}x {r['pred_after_agree']:>17} {rel:>20}")
+    for r in table:
+        bad = {k: v for k, v in r["dtta_statuses"].items() if k != "ok"}
+        if bad or r["reference_nonfinite"]:
+            print(f"note: {r['config']}: dtta statuses {r['dtta_statuses']}, reference non-finite images {r['reference_nonfinite']}")
+    print(f"dtta: fuse_accum {'true' if all(r['fuse_accum'] for r in table) else 'true/false'}, max_batch {max_batch}; "
+          "reference: the published loop (classifier every iteration, 15 pairs per iteration); same (t, eps) draws")
+    if device == "cpu":
+        print("bf16: not measured (CUDA autocast only; dtta refuses precision = \"bf16\" on the CPU)")
+if dusa:
+    print()
+    print(f"DUSA online seconds per image, {size} models on {gpu or device}: batches of {dusa_batch} images, "
+          f"accum {dusa_accum} ({int(dusa_batch) * int(dusa_accum)} images per optimizer step), 4 + 2 candidates "
+          f"at t = 100 (6 denoiser passes per image); the first batch is a warm-up, left out")
+    head = f"{'config':<14} {'dtta s/img':>11} {'diffusion-tta/dusa':>19}"
+    print(head)
+    print("-" * len(head))
+    for r in dusa:
+        ratio = "n/a" if r["diffusion_tta_over_dusa"] is None else f"{r['diffusion_tta_over_dusa']:.1f}x"
+        print(f"{r['config']:<14} {r['dtta_s_per_image']:>11.4f} {ratio:>19}")
+        if any(k != "ok" for k in r["dtta_statuses"]):
+            print(f"note: {r['config']}: dtta statuses {r['dtta_statuses']}")
 report = {"device": device, "gpu": gpu, "size": size, "images": int(images), "warmup_images": 1,
           "steps": 5, "accum": 12, "samples_per_step": 15, "max_batch": int(max_batch),
-          "torch_threads": int(threads), "elapsed_s": float(elapsed), "rows": table}
+          "torch_threads": int(threads), "elapsed_s": float(elapsed), "rows": table, "dusa": dusa}
 with open(out, "w") as f:
     json.dump(report, f, indent=2)
 print(f"written: {out}")

@@ -9,9 +9,9 @@ use std::process::Command;
 use common::*;
 use dtta::model::Bundle;
 use dtta::storage::StoreOptions;
-use dtta::tta::methods::DiffusionTta;
+use dtta::tta::methods::{DiffusionTta, Dusa, ReplayDraws};
 use dtta::tta::schedule::ReplayNoise;
-use dtta::tta::{Adapt, Loss, Mode, OptimizerKind, TtaConfig};
+use dtta::tta::{Adapt, DusaConfig, Loss, MethodName, Mode, OptimizerKind, TtaConfig};
 use tch::{Device, Kind, Tensor};
 
 fn python(args: &[&str]) {
@@ -123,6 +123,134 @@ fn check_parity(bundle_dir: &Path, cfg: TtaConfig, ref_args: &[&str]) {
         let rel = max_rel(&floats(t), &floats(r));
         assert!(rel < 1e-4, "{name} differs by {rel:e} relative");
     }
+}
+
+/// Runs the reference's DUSA loop with `ref_args`, replays its eps and Gumbel draws
+/// through [`Dusa`] configured by `cfg`, and compares candidates, per-iteration losses
+/// and the final adapted parameters (the weights are not reset in between).
+fn check_dusa_parity(bundle_dir: &Path, cfg: TtaConfig, batch: usize, batches: usize, ref_args: &[&str]) {
+    let out = bundle_dir.join(format!("ref-dusa-{}.safetensors", rand::random::<u32>()));
+    let mut args = vec![
+        repo().join("tools/reference_tta.py").to_string_lossy().into_owned(),
+        bundle_dir.to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+        "--method".into(),
+        "dusa".into(),
+    ];
+    args.extend(ref_args.iter().map(|s| s.to_string()));
+    python(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let reference: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let bundle = load(bundle_dir);
+    let classifier = bundle.load_classifier(Device::Cpu).unwrap();
+    let diffusion = bundle.load_diffusion(Device::Cpu).unwrap();
+    let mut engine = Dusa::new(classifier, diffusion, &cfg, 0, batch)
+        .unwrap()
+        .with_draws(Box::new(ReplayDraws {
+            eps: reference["eps"].shallow_clone(),
+            u: reference["u"].shallow_clone(),
+            next: 0,
+        }));
+    let x_cls = &reference["x_cls"];
+    let x_gen = &reference["x_gen"];
+    let image = |t: &Tensor, i: i64| floats(&t.get(i));
+    let (losses, candidates): (Vec<f32>, Vec<Vec<i64>>) = if cfg.mode == Mode::Episodic {
+        let r = engine.adapt_image("k", &image(x_cls, 0), &image(x_gen, 0)).unwrap();
+        assert!(r.diverged.is_none());
+        assert_eq!(r.denoiser_evals as usize, r.iteration_losses.len() * (cfg.dusa.topk + cfg.dusa.random));
+        (r.iteration_losses, r.candidates)
+    } else {
+        let mut losses = Vec::new();
+        let mut candidates = Vec::new();
+        for j in 0..batches {
+            let idx: Vec<i64> = (j * batch..(j + 1) * batch).map(|i| i as i64).collect();
+            let xs: Vec<Vec<f32>> = idx.iter().map(|i| image(x_cls, *i)).collect();
+            let gs: Vec<Vec<f32>> = idx.iter().map(|i| image(x_gen, *i)).collect();
+            let keys: Vec<String> = idx.iter().map(|i| format!("k{i}")).collect();
+            let r = engine
+                .adapt_batch(
+                    &keys.iter().map(String::as_str).collect::<Vec<_>>(),
+                    &xs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                    &gs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                )
+                .unwrap();
+            assert!(r.diverged.is_none());
+            assert_eq!(r.stepped, (j + 1) % cfg.dusa.accum == 0, "batch {j}");
+            losses.push(r.loss);
+            candidates.extend(r.candidates);
+        }
+        (losses, candidates)
+    };
+    let expected: Vec<i64> = Vec::try_from(reference["candidates"].flatten(0, -1)).unwrap();
+    assert_eq!(candidates.concat(), expected, "same candidates");
+    let ref_losses = floats(&reference["losses"]);
+    let rel = max_rel(&losses, &ref_losses);
+    assert!(rel < 1e-4, "losses differ by {rel:e}: {losses:?} vs {ref_losses:?}");
+    let params = engine.adapted_parameters();
+    let expected: Vec<&String> = reference.keys().filter(|k| k.starts_with("param.")).collect();
+    assert_eq!(params.names.len(), expected.len(), "same adapted set: {:?}", params.names);
+    let mut moved = false;
+    for (name, t) in params.names.iter().zip(&params.tensors) {
+        let r = &reference[&format!("param.{name}")];
+        let rel = max_rel(&floats(t), &floats(r));
+        assert!(rel < 1e-4, "{name} differs by {rel:e} relative");
+        moved |= !t.equal(&load_param(&bundle, name));
+    }
+    assert!(moved, "the parity run adapted nothing");
+}
+
+/// A parameter's value as the bundle stores it (`classifier.X` or `denoiser.X`).
+fn load_param(bundle: &Bundle, name: &str) -> Tensor {
+    let (module, rest) = name.split_once('.').unwrap();
+    let all = if module == "classifier" {
+        bundle.load_classifier(Device::Cpu).unwrap().named_parameters().unwrap()
+    } else {
+        bundle.load_diffusion(Device::Cpu).unwrap().named_parameters().unwrap()
+    };
+    all.into_iter().find(|(n, _)| n == rest).unwrap().1.detach().copy()
+}
+
+fn dusa_cfg(mode: Mode, steps: usize, accum: usize, adapt: Adapt) -> TtaConfig {
+    TtaConfig {
+        method: MethodName::Dusa,
+        mode,
+        adapt,
+        dusa: DusaConfig {
+            timestep: 100,
+            topk: 2,
+            random: 1,
+            lr: 1e-3,
+            steps,
+            accum,
+        },
+        ..TtaConfig::default()
+    }
+}
+
+#[test]
+fn dusa_matches_the_reference_episodic_steps_and_online_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tiny_bundle(tmp.path(), false);
+    // One image, 3 Adam steps: the later losses see the updated weights.
+    check_dusa_parity(
+        &b,
+        dusa_cfg(Mode::Episodic, 3, 1, Adapt::ClassifierDiffusion),
+        1,
+        1,
+        &["--mode", "episodic", "--steps", "3", "--accum", "1", "--lr", "1e-3"],
+    );
+    // 4 batches of 3 images, a step every 2 batches; classifier only, text embeddings.
+    let t = tiny_bundle(tmp.path(), true);
+    check_dusa_parity(
+        &t,
+        dusa_cfg(Mode::Online, 1, 2, Adapt::Classifier),
+        3,
+        4,
+        &[
+            "--mode", "online", "--batch", "3", "--batches", "4", "--accum", "2", "--lr", "1e-3", "--adapt",
+            "classifier",
+        ],
+    );
 }
 
 #[test]
@@ -393,4 +521,72 @@ fn mismatched_bundle_shapes_fail_at_load_naming_both_shapes() {
         err.contains("[1, 7]") && err.contains("[4, 7]") && err.contains("denoiser rejected"),
         "{err}"
     );
+}
+
+/// Every classifier parameter and every adapted denoiser parameter of a DUSA engine.
+fn dusa_snapshot(e: &Dusa, bundle: &Bundle) -> Vec<(String, Tensor)> {
+    let p = e.adapted_parameters();
+    let mut all: Vec<(String, Tensor)> = p
+        .names
+        .iter()
+        .zip(&p.tensors)
+        .map(|(n, t)| (n.clone(), t.detach().copy()))
+        .collect();
+    // The head is not adapted: it must not move either.
+    for (n, t) in bundle.load_classifier(Device::Cpu).unwrap().named_parameters().unwrap() {
+        if !p.names.contains(&format!("classifier.{n}")) {
+            all.push((format!("head.{n}"), t.detach().copy()));
+        }
+    }
+    all
+}
+
+#[test]
+fn dusa_episodic_reset_is_bit_exact_and_online_carries_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = load(&tiny_bundle(tmp.path(), false));
+    let make = |mode| {
+        let c = bundle.load_classifier(Device::Cpu).unwrap();
+        let d = bundle.load_diffusion(Device::Cpu).unwrap();
+        Dusa::new(c, d, &dusa_cfg(mode, 2, 2, Adapt::ClassifierDiffusion), 3, 2).unwrap()
+    };
+    let mut e = make(Mode::Episodic);
+    let originals = dusa_snapshot(&e, &bundle);
+    let mut first_losses = Vec::new();
+    for i in 0..2 {
+        let (x, g) = image(i);
+        let r = e.adapt_image(&format!("img-{i}"), &x, &g).unwrap();
+        assert_eq!(r.steps.len(), 2);
+        assert_eq!(r.iteration_losses.len(), 4);
+        assert_eq!(r.denoiser_evals, 4 * 3, "b = 2 + 1 candidates per iteration");
+        let moved = e
+            .adapted_parameters()
+            .tensors
+            .iter()
+            .zip(&originals)
+            .any(|(now, (_, o))| !now.equal(o));
+        assert!(moved, "image {i} adapted nothing");
+        e.reset();
+        for ((name, o), (_, now)) in originals.iter().zip(&dusa_snapshot(&e, &bundle)) {
+            assert!(now.equal(o), "{name} not restored after image {i}");
+        }
+        first_losses.push(r.iteration_losses[0]);
+    }
+    // The same image again after the reset: the same draws and the same losses, bit for bit.
+    let (x, g) = image(0);
+    let again = e.adapt_image("img-0", &x, &g).unwrap();
+    assert_eq!(again.iteration_losses[0], first_losses[0]);
+
+    let mut online = make(Mode::Online);
+    let (x0, g0) = image(0);
+    let (x1, g1) = image(1);
+    let keys = ["img-0", "img-1"];
+    let r1 = online.adapt_batch(&keys, &[&x0, &x1], &[&g0, &g1]).unwrap();
+    assert!(!r1.stepped, "accum = 2: the first batch only accumulates");
+    assert_eq!(r1.after, r1.before, "no weight changed yet");
+    let r2 = online.adapt_batch(&keys, &[&x0, &x1], &[&g0, &g1]).unwrap();
+    assert!(r2.stepped);
+    assert_eq!(r2.image_losses, r1.image_losses, "same weights, same per-image draws");
+    let r3 = online.adapt_batch(&keys, &[&x0, &x1], &[&g0, &g1]).unwrap();
+    assert_ne!(r3.image_losses, r2.image_losses, "online carries the adapted weights");
 }

@@ -191,3 +191,132 @@ fn unusable_method_settings_are_one_line_errors() {
     );
     assert!(committed_files(&out).is_empty(), "nothing committed");
 }
+
+/// key -> (pred_before, pred_after, loss_first, status) of every committed predictions row.
+fn dusa_rows(out: &Path) -> BTreeMap<String, (Option<i64>, Option<i64>, Option<f32>, String)> {
+    let mut map = BTreeMap::new();
+    for b in committed_batches(out, "predictions") {
+        let key = column::<StringArray>(&b, "key");
+        let status = column::<StringArray>(&b, "status");
+        let method = column::<StringArray>(&b, "method");
+        let before = column::<Int64Array>(&b, "pred_before");
+        let after = column::<Int64Array>(&b, "pred_after");
+        let loss = column::<Float32Array>(&b, "loss_first");
+        for r in 0..b.num_rows() {
+            assert!(method.value(r).starts_with("dusa"), "{}", method.value(r));
+            let opt_i = |a: &Int64Array| a.is_valid(r).then(|| a.value(r));
+            map.insert(
+                key.value(r).to_string(),
+                (
+                    opt_i(&before),
+                    opt_i(&after),
+                    loss.is_valid(r).then(|| loss.value(r)),
+                    status.value(r).to_string(),
+                ),
+            );
+        }
+    }
+    map
+}
+
+/// DUSA on the demo bundle (10 classes: the default 4 + 2 candidates): episodic and
+/// online rows and steps, the `-online` label, and online adaptation carrying over.
+#[test]
+fn dusa_episodic_and_online_write_their_rows_and_steps_on_the_demo_bundle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = demo_bundle();
+    let input = shards(&tmp.path().join("in"), 4, 3);
+    let run = |name: &str, tta: &str| {
+        let out = tmp.path().join(format!("out-{name}"));
+        let p = pipeline(tmp.path(), &input, &out, &bundle, tta);
+        let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "runtime.batch_size=4"]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let summary = run_dtta(&["summarize", out.to_str().unwrap()]);
+        assert!(
+            String::from_utf8_lossy(&summary.stdout).contains(name),
+            "{}",
+            text(&summary)
+        );
+        (dusa_rows(&out), steps_rows(&out))
+    };
+    let (episodic, e_steps) = run(
+        "dusa",
+        "method = \"dusa\"\nmode = \"episodic\"\n[tta.dusa]\nsteps = 2\nlr = 1e-3",
+    );
+    let (online, o_steps) = run("dusa-online", "method = \"dusa\"\nmode = \"online\"\n[tta.dusa]\nlr = 1e-3");
+    for rows in [&episodic, &online] {
+        assert_eq!(rows.len(), 12);
+        assert!(
+            rows.values()
+                .all(|(b, a, l, s)| b.is_some() && a.is_some() && l.is_some() && s == "ok"),
+            "{rows:?}"
+        );
+    }
+    assert_eq!(e_steps.len(), 12 * 2, "two steps per image");
+    assert_eq!(o_steps.len(), 12, "one pass per image online");
+    // Episodic: every image starts from the source weights; online: the first batch sees
+    // the source weights (same draws, same first loss), later batches the adapted ones.
+    let firsts: Vec<(f32, f32)> = episodic
+        .values()
+        .zip(online.values())
+        .map(|(e, o)| (e.2.unwrap(), o.2.unwrap()))
+        .collect();
+    assert!(
+        firsts.iter().any(|(e, o)| (e - o).abs() > 1e-6 * e.abs().max(1e-6)),
+        "online never differs from episodic: {firsts:?}"
+    );
+}
+
+/// Episodic DUSA resets bit for bit: results depend on (seed, key) only, not on the
+/// shard layout, the images before, or the worker count; another seed changes them.
+#[test]
+fn dusa_episodic_results_depend_on_seed_and_key_not_on_layout_or_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = demo_bundle();
+    let tta = "method = \"dusa\"\n[tta.dusa]\nsteps = 2\nlr = 1e-3";
+    let a_in = shards(&tmp.path().join("a"), 6, 2);
+    let a_out = tmp.path().join("out-a");
+    let o = run_dtta(&["run", pipeline(tmp.path(), &a_in, &a_out, &bundle, tta).to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let b_in = shards(&tmp.path().join("b"), 3, 4);
+    let b_out = tmp.path().join("out-b");
+    let p = pipeline(tmp.path(), &b_in, &b_out, &bundle, tta);
+    for w in ["1", "0"] {
+        let o = run_dtta(&["run", p.to_str().unwrap(), "--worker-index", w, "--worker-count", "2"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let (a, b) = (dusa_rows(&a_out), dusa_rows(&b_out));
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, b, "same (seed, key), same result");
+    let c_out = tmp.path().join("out-c");
+    let p = pipeline(tmp.path(), &a_in, &c_out, &bundle, tta);
+    let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "runtime.seed=12"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let c = dusa_rows(&c_out);
+    assert!(
+        a.iter().zip(&c).any(|((_, x), (_, y))| x.2 != y.2),
+        "losses should change with the seed"
+    );
+}
+
+#[test]
+fn dusa_candidate_counts_beyond_the_classes_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = shards(&tmp.path().join("in"), 2, 1);
+    let out = tmp.path().join("out");
+    let p = pipeline(
+        tmp.path(),
+        &input,
+        &out,
+        &demo_bundle(),
+        "method = \"dusa\"\n[tta.dusa]\ntopk = 8\nrandom = 3",
+    );
+    let o = run_dtta(&["run", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("tta.dusa.topk") && err.contains("10 classes"), "{err}");
+    let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "tta.dusa.topk=0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tta.dusa.topk"), "{}", text(&o));
+    assert!(committed_files(&out).is_empty(), "nothing committed");
+}

@@ -11,6 +11,22 @@ iteration in eval mode, the loss is the mean MSE divided by accum, the optimizer
 noise itself and saves them with the per-iteration losses and the final adapted
 parameters, so another implementation can replay the same draws and compare.
 
+DUSA (ALGORITHM.md, "DUSA"), parity mode only:
+
+       python tools/reference_tta.py BUNDLE_DIR OUT.safetensors --method dusa
+       [--mode episodic|online] [--steps 2] [--accum 1] [--lr 1e-3] [--timestep 100]
+       [--dusa-topk 2] [--random 1] [--batch 2] [--batches 2] [--adapt ...] [--seed 0]
+
+episodic: one image, steps*accum iterations, Adam step every accum iterations; online:
+`batches` batches of `batch` images, one iteration per batch, a step every accum batches.
+Per image and iteration one eps (shared by the image's candidates) and one uniform [K]
+draw u; candidates are the top `dusa-topk` logits plus `random` classes drawn without
+replacement with softmax(logits) over the rest, as the top of logits + Gumbel(u)
+(Gumbel-top-k); p = softmax of the l2-normalised logits at the candidates; the loss is
+mean((eps - sum_k p_k denoiser(x_t, t, E_k))^2), averaged over the batch's images and
+divided by accum. Saves eps, u (in draw order), the candidates, the losses and the final
+adapted parameters.
+
 Images mode (a benchmark baseline; OUT.safetensors is not used):
 
        python tools/reference_tta.py BUNDLE_DIR --images DIR_OR_TAR [--json OUT.json]
@@ -68,6 +84,13 @@ def main():
     ap.add_argument("--loss", default="mse", help="mse | l1")
     ap.add_argument("--adapt-topk", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--method", choices=["diffusion-tta", "dusa"], default="diffusion-tta")
+    dusa = ap.add_argument_group("dusa (parity mode)")
+    dusa.add_argument("--timestep", type=int, default=100)
+    dusa.add_argument("--dusa-topk", type=int, default=2)
+    dusa.add_argument("--random", type=int, default=1)
+    dusa.add_argument("--batch", type=int, default=2, help="images per online batch")
+    dusa.add_argument("--batches", type=int, default=2, help="online batches")
     images = ap.add_argument_group("images mode")
     images.add_argument("--images", help="folder of JPEG/PNG/WebP files, or a WebDataset .tar")
     images.add_argument("--json", help="write per-image results and timings here")
@@ -93,6 +116,8 @@ def main():
         return run_images(args)
     if args.out is None:
         ap.error("OUT.safetensors is required (or --images DIR_OR_TAR)")
+    if args.method == "dusa":
+        return run_dusa(args)
     for name, value in (("steps", 3), ("accum", 2), ("samples", 4), ("lr", 0.05)):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -149,6 +174,98 @@ def main():
         out["param." + name] = p.detach().contiguous()
     save_file(out, args.out)
     print(f"reference: {iters} iterations, final loss {losses[-1].item():.6f}, {len(params)} adapted tensors")
+
+
+# ----------------------------------------------------------------------------------------
+# DUSA, parity mode.
+# ----------------------------------------------------------------------------------------
+
+def dusa_candidates(logits_row, u_row, k, m):
+    """Top-k classes of one image's logits, then m more without replacement from the rest
+    with probabilities softmax(logits): the m largest logits + Gumbel(u) among the rest."""
+    order = sorted(range(logits_row.shape[0]), key=lambda c: -float(logits_row[c]))
+    top = order[:k]
+    gumbel = -torch.log(-torch.log(u_row.clamp(1e-20, 1.0)))
+    keys = {c: float(logits_row[c] + gumbel[c]) for c in range(logits_row.shape[0]) if c not in top}
+    drawn = sorted(keys, key=lambda c: -keys[c])[:m]
+    return top + drawn
+
+
+def dusa_image_loss(logits_row, cand, z0_row, eps_row, t, denoiser, E, abar, C):
+    """One image's DUSA loss: its candidates' noise predictions (each under its own
+    class embedding) mixed with p = softmax of the LogitNorm logits at the candidates."""
+    z = logits_row / logits_row.norm()
+    p = z[cand].softmax(-1)
+    a = abar[t]
+    z_t = a.sqrt() * z0_row + (1 - a).sqrt() * eps_row
+    b = len(cand)
+    preds = denoiser(z_t.unsqueeze(0).expand(b, *z_t.shape), torch.full((b,), t, dtype=torch.int64),
+                     E[cand])[:, :C].float()
+    mix = sum(p[j] * preds[j] for j in range(b))
+    return (eps_row - mix).pow(2).mean()
+
+
+def run_dusa(args):
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    spec = tomllib.load(open(os.path.join(args.bundle, "bundle.toml"), "rb"))
+    cls_spec, diff = spec["classifier"], spec["diffusion"]
+    classifier = torch.jit.load(os.path.join(args.bundle, cls_spec["file"])).eval()
+    denoiser = torch.jit.load(os.path.join(args.bundle, diff["denoiser"])).eval()
+    encoder = torch.jit.load(os.path.join(args.bundle, diff["encoder"])).eval() if "encoder" in diff else None
+    E = load_file(os.path.join(args.bundle, diff["class_embeddings"]))["embeddings"].float()
+    abar = alphas_cumprod(diff["schedule"], "cpu")
+    K = cls_spec["num_classes"]
+    steps = args.steps if args.steps is not None else 2
+    accum = args.accum if args.accum is not None else 1
+    lr = args.lr if args.lr is not None else 1e-3
+    online = args.mode == "online"
+    images = args.batch * args.batches if online else 1
+    pre = cls_spec["preprocess"]
+    x_cls = torch.randn(images, pre["channels"], pre["crop"], pre["crop"])
+    x_gen = torch.rand(images, diff["channels"], diff["resolution"], diff["resolution"]) * 2 - 1
+    with torch.no_grad():
+        z0 = encoder(x_gen) * diff.get("latent_scale", 1.0) if encoder is not None else x_gen.clone()
+    C = z0.shape[1]
+    params = adapted_parameters(classifier, denoiser, cls_spec, args.adapt)
+    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+
+    # iteration -> list of image indices it covers
+    iterations = [list(range(j * args.batch, (j + 1) * args.batch)) for j in range(args.batches)] if online \
+        else [[0]] * (steps * accum)
+    eps_all, u_all, cands, losses = [], [], [], []
+    opt.zero_grad()
+    for it, idx in enumerate(iterations):
+        logits = classifier(x_cls[idx]).float()
+        total = 0
+        for row, i in enumerate(idx):
+            eps = torch.randn(*z0.shape[1:])
+            u = torch.rand(K)
+            eps_all.append(eps)
+            u_all.append(u)
+            cand = dusa_candidates(logits[row].detach(), u, args.dusa_topk, args.random)
+            cands.append(torch.tensor(cand))
+            total = total + dusa_image_loss(logits[row], cand, z0[i], eps, args.timestep, denoiser, E, abar, C)
+        loss = total / len(idx) / accum
+        loss.backward()
+        losses.append(loss.detach())
+        if (it + 1) % accum == 0:
+            opt.step()
+            opt.zero_grad()
+
+    out = {
+        "x_cls": x_cls.contiguous(),
+        "x_gen": x_gen.contiguous(),
+        "eps": torch.stack(eps_all).contiguous(),
+        "u": torch.stack(u_all).contiguous(),
+        "candidates": torch.stack(cands).contiguous(),
+        "losses": torch.stack(losses).contiguous(),
+    }
+    for name, p in params:
+        out["param." + name] = p.detach().contiguous()
+    save_file(out, args.out)
+    print(f"reference dusa ({args.mode}): {len(iterations)} iterations, final loss {losses[-1].item():.6f}, "
+          f"{len(params)} adapted tensors")
 
 
 # ----------------------------------------------------------------------------------------

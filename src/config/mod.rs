@@ -267,6 +267,13 @@ impl PipelineConfig {
             return Err(("tta.lr", format!("{} must be a positive number", self.tta.lr)));
         }
         self.tta.budget.validate(self.tta.budget_step_cost())?;
+        let dusa = &self.tta.dusa;
+        positive("tta.dusa.topk", dusa.topk)?;
+        positive("tta.dusa.steps", dusa.steps)?;
+        positive("tta.dusa.accum", dusa.accum)?;
+        if !(dusa.lr > 0.0 && dusa.lr.is_finite()) {
+            return Err(("tta.dusa.lr", format!("{} must be a positive number", dusa.lr)));
+        }
         if self.tta.diffusion_classifier.prune_to > 0
             && self.tta.diffusion_classifier.first_samples >= self.tta.diffusion_classifier.samples
         {

@@ -39,6 +39,7 @@ pub struct TtaConfig {
     pub diffusion_classifier: DiffusionClassifierConfig,
     /// Adaptive compute per image (episodic diffusion methods); all off by default.
     pub budget: BudgetConfig,
+    pub dusa: DusaConfig,
 }
 
 impl TtaConfig {
@@ -52,23 +53,33 @@ impl TtaConfig {
                 steps: self.steps,
                 evals: (self.accum * self.samples_per_step) as u64,
             }),
-            (MethodName::DiffusionTta, Mode::Online) => Err(
+            (MethodName::Dusa, Mode::Episodic) => Ok(StepCost {
+                steps: self.dusa.steps,
+                evals: (self.dusa.accum * (self.dusa.topk + self.dusa.random)) as u64,
+            }),
+            (MethodName::DiffusionTta | MethodName::Dusa, Mode::Online) => Err(
                 "adaptive compute is per image: it applies to tta.mode = \"episodic\" only; \
                  remove [tta.budget] or set tta.mode = \"episodic\""
                     .into(),
             ),
             (method, _) => Err(format!(
-                "{} does not adapt with a denoiser; [tta.budget] applies to diffusion-tta (episodic)",
+                "{} does not adapt with a denoiser; [tta.budget] applies to diffusion-tta and dusa (episodic)",
                 method.as_str()
             )),
         }
     }
 
     /// The `method` column and summary label: the method, with `-online` when
-    /// Diffusion-TTA runs in online mode (TENT is always online).
+    /// Diffusion-TTA or DUSA runs in online mode (TENT is always online), and with
+    /// `-adaptive` when `[tta.budget]` gates it, so a robustness table over several
+    /// outputs shows each configuration as its own column.
     pub fn method_column(&self) -> &'static str {
+        let adaptive = !self.budget.is_off();
         match (self.method, self.mode) {
             (MethodName::DiffusionTta, Mode::Online) => "diffusion-tta-online",
+            (MethodName::Dusa, Mode::Online) => "dusa-online",
+            (MethodName::DiffusionTta, Mode::Episodic) if adaptive => "diffusion-tta-adaptive",
+            (MethodName::Dusa, Mode::Episodic) if adaptive => "dusa-adaptive",
             (method, _) => method.as_str(),
         }
     }
@@ -98,6 +109,7 @@ impl Default for TtaConfig {
             tent: TentConfig::default(),
             diffusion_classifier: DiffusionClassifierConfig::default(),
             budget: BudgetConfig::default(),
+            dusa: DusaConfig::default(),
         }
     }
 }
@@ -141,6 +153,40 @@ impl Default for DiffusionClassifierConfig {
     }
 }
 
+/// DUSA (ALGORITHM.md, "DUSA"): one timestep, a few candidate classes, a mixture of
+/// their noise predictions. `tta.mode`, `tta.adapt` and `tta.precision` apply; the
+/// optimizer is Adam (no weight decay).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DusaConfig {
+    /// The one diffusion timestep, in 0..T.
+    pub timestep: usize,
+    /// Candidates from the top of the classifier's logits.
+    pub topk: usize,
+    /// Candidates drawn without replacement from the other classes, with the
+    /// classifier's probabilities.
+    pub random: usize,
+    pub lr: f64,
+    /// Optimizer steps per image (episodic mode; online mode runs one pass per batch).
+    pub steps: usize,
+    /// Passes (episodic: per-image iterations; online: batches) whose gradients
+    /// accumulate into one optimizer step.
+    pub accum: usize,
+}
+
+impl Default for DusaConfig {
+    fn default() -> Self {
+        DusaConfig {
+            timestep: 100,
+            topk: 4,
+            random: 2,
+            lr: 1e-5,
+            steps: 1,
+            accum: 1,
+        }
+    }
+}
+
 /// Test-time adaptation methods of ALGORITHM.md.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -150,6 +196,7 @@ pub enum MethodName {
     Tent,
     DiffusionClassifier,
     DiffusionTta,
+    Dusa,
 }
 
 impl MethodName {
@@ -159,12 +206,16 @@ impl MethodName {
             MethodName::Tent => "tent",
             MethodName::DiffusionClassifier => "diffusion-classifier",
             MethodName::DiffusionTta => "diffusion-tta",
+            MethodName::Dusa => "dusa",
         }
     }
 
     /// Whether the method needs the bundle's diffusion model.
     pub fn needs_diffusion(self) -> bool {
-        matches!(self, MethodName::DiffusionClassifier | MethodName::DiffusionTta)
+        matches!(
+            self,
+            MethodName::DiffusionClassifier | MethodName::DiffusionTta | MethodName::Dusa
+        )
     }
 }
 

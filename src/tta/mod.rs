@@ -17,7 +17,7 @@ use crate::image::Prepared;
 use crate::sample::{Defect, Status, Variant};
 pub use budget::{BudgetConfig, Gate, StepCost, StopReason};
 pub use config::{
-    Adapt, DiffusionClassifierConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig, Timesteps,
+    Adapt, DiffusionClassifierConfig, DusaConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig, Timesteps,
     TtaConfig,
 };
 pub use methods::Method;

@@ -116,6 +116,11 @@ impl Default for VariantStreams {
 }
 
 impl VariantStreams {
+    /// The variant whose state the live parameters hold.
+    pub fn live(&self) -> Variant {
+        self.live
+    }
+
     /// Makes `to` the live stream: parks the live weights and optimizer state under the
     /// live variant, then loads `to`'s, or `originals` and a fresh optimizer when `to`
     /// has not been seen. A no-op when `to` is live.

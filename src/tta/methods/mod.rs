@@ -3,11 +3,13 @@
 
 mod diffusion_classifier;
 mod diffusion_tta;
+mod dusa;
 mod source;
 mod tent;
 
 pub use diffusion_classifier::DiffusionClassifier;
 pub use diffusion_tta::{Adapted, DiffusionTta, Knobs};
+pub use dusa::{Dusa, DusaBatch, DusaDraws, DusaImage, ReplayDraws, SeededDraws};
 pub use source::Source;
 pub use tent::Tent;
 
@@ -92,6 +94,10 @@ pub fn build(
         MethodName::DiffusionTta => {
             let diffusion = bundle.load_diffusion(device)?;
             Box::new(DiffusionTta::new(classifier, diffusion, tta, seed).map_err(unsupported)?)
+        }
+        MethodName::Dusa => {
+            let diffusion = bundle.load_diffusion(device)?;
+            Box::new(Dusa::new(classifier, diffusion, tta, seed, batch_size).map_err(unsupported)?)
         }
     })
 }

@@ -1,0 +1,682 @@
+//! DUSA (ALGORITHM.md, "DUSA"; Li et al., NeurIPS 2024): one timestep, a few candidate
+//! classes per image, and the loss `mean((eps - sum_k p_k eps_phi(x_t, t, E_{c_k}))^2)`,
+//! a mixture of noise *predictions*, one per candidate under its own class embedding.
+//!
+//! Candidates: the top `topk` classes of the raw logits, plus `random` classes drawn
+//! without replacement from the others with probabilities softmax(raw logits), by the
+//! Gumbel-top-k trick (top `random` of `logits + Gumbel(u)` over the others: the same
+//! distribution as successive draws, and no underflow for confident classifiers).
+//! p = softmax over the candidates' l2-normalised logits (LogitNorm).
+//!
+//! Draws: per image and iteration one eps (shared by the image's candidates) and one
+//! uniform `[K]` for the Gumbel noise, from torch's generator reseeded per image from
+//! (run seed, key) ([`SeededDraws`]), so an image's draws do not depend on shard layout.
+//!
+//! Modes:
+//! - episodic: per image, `steps` optimizer steps of `accum` iterations each (fresh draws
+//!   and fresh candidates from the current logits every iteration); the image's b
+//!   candidates run as one denoiser batch; then every adapted parameter and the
+//!   optimizer are reset bit for bit.
+//! - online (DUSA's setting): batches of `runtime.batch_size` images, one iteration per
+//!   batch (all candidates of all images as one denoiser batch), an optimizer step every
+//!   `accum` batches, one adapted state per variant stream (as TENT). `pred_before` is
+//!   the live stream's classifier before this batch's update (eval mode, the forward
+//!   that the loss uses); `pred_after` is the classifier after the update (a second,
+//!   no-grad forward). With `accum > 1`, a batch that does not complete an accumulation
+//!   cycle changes no weight, so its `pred_after` equals its `pred_before`.
+//!
+//! Invariants: the classifier runs in eval mode (BatchNorm statistics are never
+//! written). A non-finite loss is caught before its backward pass: the image (episodic)
+//! or the batch (online) keeps its before-prediction with status `diverged`, and the
+//! weights are those from before it. Hazard: online, switching variant streams or a
+//! failed batch in the middle of an accumulation cycle: pending gradients are applied
+//! to their own stream before a switch (a smaller step), and dropped by `recover`.
+
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{per_image, Method};
+use crate::image::Prepared;
+use crate::model::{Classifier, Diffusion};
+use crate::sample::Status;
+use crate::tta::optim::{Optimizer, OptimizerState};
+use crate::tta::params::{AdaptedParams, VariantStreams};
+use crate::tta::schedule::{add_noise, image_seed};
+use crate::tta::{
+    predictions, BudgetConfig, Mode, OptimizerKind, Outcome, Precision, Prediction, StepRecord, StopReason, TtaConfig,
+};
+
+/// Where an image's eps and Gumbel uniforms come from.
+pub trait DusaDraws: Send {
+    /// Called before the first draw of each image.
+    fn begin_image(&mut self, key: &str);
+    /// eps `[1, latent...]` and uniforms `[1, classes]` for the image's next iteration.
+    fn draw(&mut self, latent: &[i64], classes: i64, device: Device) -> (Tensor, Tensor);
+}
+
+/// Draws from torch's generator, reseeded per image from (seed, key): eps, then `u`.
+pub struct SeededDraws {
+    pub seed: u64,
+}
+
+impl DusaDraws for SeededDraws {
+    fn begin_image(&mut self, key: &str) {
+        tch::manual_seed(image_seed(self.seed, key));
+    }
+
+    fn draw(&mut self, latent: &[i64], classes: i64, device: Device) -> (Tensor, Tensor) {
+        let mut shape = vec![1];
+        shape.extend_from_slice(latent);
+        let eps = Tensor::randn(&shape, (Kind::Float, device));
+        let u = Tensor::rand([1, classes], (Kind::Float, device));
+        (eps, u)
+    }
+}
+
+/// Replays given draws in call order: `eps` is `[n, latent...]`, `u` is `[n, classes]`.
+/// For parity tests against a reference implementation.
+pub struct ReplayDraws {
+    pub eps: Tensor,
+    pub u: Tensor,
+    pub next: i64,
+}
+
+impl DusaDraws for ReplayDraws {
+    fn begin_image(&mut self, _key: &str) {}
+
+    fn draw(&mut self, _latent: &[i64], _classes: i64, device: Device) -> (Tensor, Tensor) {
+        let i = self.next;
+        self.next += 1;
+        (
+            self.eps.narrow(0, i, 1).to_device(device),
+            self.u.narrow(0, i, 1).to_device(device),
+        )
+    }
+}
+
+/// What one iteration computed, still on the device.
+struct Pass {
+    /// Per-image mixture loss `[B]` (not divided by `accum`).
+    losses: Tensor,
+    /// The classifier's logits (with gradients) `[B, K]`.
+    logits: Tensor,
+    /// Candidates `[B, b]`.
+    candidates: Tensor,
+}
+
+/// One image adapted in episodic mode (weights not yet reset).
+#[derive(Debug)]
+pub struct DusaImage {
+    pub before: Prediction,
+    pub after: Prediction,
+    /// Loss of every iteration as backpropagated (divided by `accum`), in order.
+    pub iteration_losses: Vec<f32>,
+    /// Candidates of every iteration, in order.
+    pub candidates: Vec<Vec<i64>>,
+    pub steps: Vec<StepRecord>,
+    pub diverged: Option<String>,
+    /// Denoiser forward passes spent on the image.
+    pub denoiser_evals: u64,
+    /// Why adaptation ended before `steps` (`[tta.budget]`, or divergence).
+    pub stop_reason: StopReason,
+    pub elapsed_ms: f64,
+}
+
+/// One online batch: per-image rows plus the batch loss.
+#[derive(Debug)]
+pub struct DusaBatch {
+    pub before: Vec<Prediction>,
+    pub after: Vec<Prediction>,
+    /// Each image's own mixture loss (not divided by `accum`).
+    pub image_losses: Vec<f32>,
+    /// Entropy of each image's softmax before the update.
+    pub entropies: Vec<f32>,
+    /// The batch loss as backpropagated (mean over images, divided by `accum`).
+    pub loss: f32,
+    pub candidates: Vec<Vec<i64>>,
+    pub grad_norm: f32,
+    /// Whether this batch completed an accumulation cycle (the weights changed).
+    pub stepped: bool,
+    pub diverged: Option<String>,
+    /// Denoiser forward passes per image.
+    pub denoiser_evals: u64,
+    pub elapsed_ms: f64,
+}
+
+pub struct Dusa {
+    classifier: Classifier,
+    diffusion: Diffusion,
+    params: AdaptedParams,
+    /// Parameter values before the first image: the episodic reset target and where a
+    /// new variant stream starts.
+    originals: Vec<Tensor>,
+    optimizer: Optimizer,
+    draws: Box<dyn DusaDraws>,
+    timestep: i64,
+    topk: i64,
+    random: i64,
+    steps: usize,
+    accum: usize,
+    mode: Mode,
+    /// Episodic mode: adaptive compute per image (all off by default).
+    budget: BudgetConfig,
+    precision: Precision,
+    /// Classes listed per predictions row.
+    report_topk: usize,
+    batch_size: usize,
+    /// Online mode: one adapted state per variant stream.
+    streams: VariantStreams,
+    /// Online mode: batches whose gradients wait for the optimizer step.
+    pending: usize,
+    /// Online mode: the state before the optimizer step in progress, restored when it fails.
+    rollback: Option<(Vec<Tensor>, OptimizerState)>,
+}
+
+impl Dusa {
+    pub fn new(
+        classifier: Classifier,
+        diffusion: Diffusion,
+        cfg: &TtaConfig,
+        seed: u64,
+        batch_size: usize,
+    ) -> Result<Self, tch::TchError> {
+        let d = &cfg.dusa;
+        if cfg.precision == Precision::Bf16 {
+            crate::tta::autocast::check_supported(classifier.device)?;
+        }
+        let classes = classifier.num_classes;
+        if d.topk == 0 || d.topk + d.random > classes {
+            return Err(tch::TchError::Kind(format!(
+                "tta.dusa.topk ({}) + tta.dusa.random ({}) candidates must be between 1 and the {classes} classes",
+                d.topk, d.random
+            )));
+        }
+        if d.timestep as i64 >= diffusion.num_timesteps {
+            return Err(tch::TchError::Kind(format!(
+                "tta.dusa.timestep = {} is outside the diffusion schedule's 0..{}",
+                d.timestep, diffusion.num_timesteps
+            )));
+        }
+        let params = AdaptedParams::select(
+            classifier.named_parameters()?,
+            diffusion.named_parameters()?,
+            cfg.adapt,
+            &classifier.head,
+            &classifier.norm,
+        );
+        if params.tensors.is_empty() {
+            return Err(tch::TchError::Kind(format!(
+                "tta.adapt = {:?} selects no parameter (does the bundle list classifier.norm?)",
+                cfg.adapt
+            )));
+        }
+        tracing::info!(
+            "dusa adapts {} tensors, {} parameters; {} + {} candidates at t = {}",
+            params.tensors.len(),
+            params.numel(),
+            d.topk,
+            d.random,
+            d.timestep
+        );
+        Ok(Dusa {
+            originals: params.snapshot(),
+            classifier,
+            diffusion,
+            params,
+            // Adam: AdamW without weight decay has the same update.
+            optimizer: Optimizer::new(OptimizerKind::Adamw, d.lr, 0.0, 0.0),
+            draws: Box::new(SeededDraws { seed }),
+            timestep: d.timestep as i64,
+            topk: d.topk as i64,
+            random: d.random as i64,
+            steps: d.steps,
+            accum: d.accum,
+            mode: cfg.mode,
+            budget: cfg.budget.clone(),
+            precision: cfg.precision,
+            report_topk: cfg.topk,
+            batch_size: batch_size.max(1),
+            streams: VariantStreams::default(),
+            pending: 0,
+            rollback: None,
+        })
+    }
+
+    /// Replaces the draws, e.g. with a replay for parity tests.
+    pub fn with_draws(mut self, draws: Box<dyn DusaDraws>) -> Self {
+        self.draws = draws;
+        self
+    }
+
+    pub fn adapted_parameters(&self) -> &AdaptedParams {
+        &self.params
+    }
+
+    /// Candidates per image (b = topk + random): denoiser forward passes per iteration.
+    fn candidates_per_image(&self) -> i64 {
+        self.topk + self.random
+    }
+
+    /// z0 for diffusion views (each `view.numel()` floats), no gradients.
+    fn encode(&self, gens: &[&[f32]]) -> Result<Tensor, tch::TchError> {
+        let view = &self.diffusion.view;
+        let side = view.resolution as i64;
+        let flat: Vec<f32> = gens.iter().flat_map(|g| g.iter().copied()).collect();
+        let x_gen = Tensor::from_slice(&flat)
+            .view([gens.len() as i64, view.channels.count() as i64, side, side])
+            .to_device(self.classifier.device);
+        Ok(tch::no_grad(|| self.autocast(|| self.diffusion.encode(&x_gen)))?.to_kind(Kind::Float))
+    }
+
+    /// One iteration for a batch: the classifier's logits on `x` (with gradients), the
+    /// candidates from them and `u`, and each image's mixture loss at the fixed timestep.
+    /// All candidates of all images run as one denoiser batch.
+    fn pass(&self, x: &Tensor, z0: &Tensor, eps: &Tensor, u: &Tensor) -> Result<Pass, tch::TchError> {
+        let logits = self.autocast(|| self.classifier.logits(x))?.to_kind(Kind::Float);
+        let n = logits.size()[0];
+        let b = self.candidates_per_image();
+        let candidates = tch::no_grad(|| {
+            let top = logits.topk(self.topk, -1, true, true).1;
+            if self.random == 0 {
+                return top;
+            }
+            // Gumbel-top-k over the classes outside the top k.
+            let gumbel = -(-u.clamp(1e-20, 1.0).log()).log();
+            let keys = (&logits + gumbel).scatter_value(1, &top, f64::NEG_INFINITY);
+            let drawn = keys.topk(self.random, -1, true, true).1;
+            Tensor::cat(&[top, drawn], 1)
+        });
+        let normalised = &logits / logits.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
+        let p = normalised.gather(1, &candidates, false).softmax(-1, Kind::Float);
+        let t = Tensor::full([n], self.timestep, (Kind::Int64, logits.device()));
+        let z_t = add_noise(&self.diffusion.alphas_cumprod, z0, &t, eps);
+        let z_t = z_t.repeat_interleave_self_int(b, Some(0), None::<i64>);
+        let cond = self.diffusion.embeddings.index_select(0, &candidates.flatten(0, -1));
+        let t = Tensor::full([n * b], self.timestep, (Kind::Int64, logits.device()));
+        let predicted = self.autocast(|| self.diffusion.predict_noise(&z_t, &t, &cond))?;
+        let mut shape = vec![n, b];
+        shape.extend_from_slice(&eps.size()[1..]);
+        let predicted = predicted.to_kind(Kind::Float).view(shape.as_slice());
+        let mut weights = vec![n, b];
+        weights.extend(vec![1; eps.dim() - 1]);
+        let mixture = (p.view(weights.as_slice()) * predicted).sum_dim_intlist(1, false, Kind::Float);
+        let losses = (mixture - eps).square().flatten(1, -1).mean_dim(1, false, Kind::Float);
+        Ok(Pass {
+            losses,
+            logits,
+            candidates,
+        })
+    }
+
+    /// Episodic adaptation of one image: `steps` steps of `accum` iterations, gated by
+    /// `[tta.budget]` (the source prediction comes from its own no-grad forward, so a
+    /// confident image costs no denoiser pass). Leaves the adapted weights in place
+    /// (`run` resets them after each image; parity tests read them).
+    pub fn adapt_image(&mut self, key: &str, pixels: &[f32], gen: &[f32]) -> Result<DusaImage, tch::TchError> {
+        let started = Instant::now();
+        let device = self.classifier.device;
+        self.classifier.set_eval();
+        let x = self.classifier.batch_from(&[pixels]);
+        let z0 = self.encode(&[gen])?;
+        let latent = self.diffusion.latent_shape.clone();
+        let classes = self.classifier.num_classes as i64;
+        let before = self.predict(&x)?;
+        let mut gate = self.budget.start(&before);
+        if let Some(reason) = gate.skip() {
+            return Ok(DusaImage {
+                after: before.clone(),
+                before,
+                iteration_losses: Vec::new(),
+                candidates: Vec::new(),
+                steps: Vec::new(),
+                diverged: None,
+                denoiser_evals: 0,
+                stop_reason: reason,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+        self.draws.begin_image(key);
+        self.params.zero_grad();
+        let mut iteration_losses = Vec::with_capacity(self.steps * self.accum);
+        let mut candidates = Vec::with_capacity(self.steps * self.accum);
+        let mut step_metrics: Vec<Tensor> = Vec::with_capacity(self.steps);
+        let mut step_host: Vec<(f32, f64)> = Vec::with_capacity(self.steps);
+        let mut diverged = None;
+        let mut stop_reason = StopReason::None;
+        // The prediction after the latest update, when the gate asked for it.
+        let mut predicted_after: Option<Prediction> = None;
+        let b = self.candidates_per_image() as u64;
+        'steps: for step in 0..self.steps {
+            if let Some(reason) = gate.before_step(self.accum as u64 * b) {
+                stop_reason = reason;
+                break;
+            }
+            let mut step_loss = 0f64;
+            let mut seen = None;
+            for _ in 0..self.accum {
+                let (eps, u) = self.draws.draw(&latent, classes, device);
+                let pass = self.pass(&x, &z0, &eps, &u)?;
+                gate.charge(b);
+                let loss = pass.losses.mean(Kind::Float) / self.accum as f64;
+                let value = f64::try_from(&loss)?; // one sync per iteration, before backward
+                iteration_losses.push(value as f32);
+                candidates.push(Vec::<i64>::try_from(pass.candidates.flatten(0, -1).to_device(Device::Cpu))?);
+                if !value.is_finite() {
+                    diverged = Some(format!(
+                        "loss became {value} at step {step}; source prediction kept"
+                    ));
+                    break 'steps;
+                }
+                loss.f_backward()?;
+                step_loss += value;
+                seen = Some(pass.logits.detach());
+            }
+            let grad_norm = self.params.grad_norm();
+            self.optimizer.step(&self.params.tensors)?;
+            self.params.zero_grad();
+            step_metrics.push(step_metrics_row(&seen.expect("accum >= 1"), &grad_norm));
+            step_host.push((step_loss as f32, started.elapsed().as_secs_f64() * 1e3));
+            if gate.wants_step_predictions() {
+                let now = self.predict(&x)?;
+                if !now.conf.is_finite() {
+                    diverged = Some(format!(
+                        "prediction became {} after step {step}; source prediction kept",
+                        now.conf
+                    ));
+                    break;
+                }
+                let fired = gate.after_step(now.class);
+                predicted_after = Some(now);
+                // At the last step nothing is left to save: the steps ran in full.
+                if let Some(reason) = fired.filter(|_| step + 1 < self.steps) {
+                    stop_reason = reason;
+                    break;
+                }
+            }
+        }
+        self.params.zero_grad();
+        let after = match (&diverged, predicted_after) {
+            (Some(_), _) => before.clone(),
+            // The weights have not changed since that prediction.
+            (None, Some(p)) => p,
+            (None, None) => self.predict(&x)?,
+        };
+        if diverged.is_some() {
+            self.reset();
+            stop_reason = StopReason::Diverged;
+        }
+        let steps = step_records(&step_metrics, &step_host, self.optimizer.lr() as f32)?;
+        Ok(DusaImage {
+            before,
+            after,
+            iteration_losses,
+            candidates,
+            steps,
+            diverged,
+            denoiser_evals: gate.evals(),
+            stop_reason,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Online adaptation of one batch of images of the live variant stream: one
+    /// iteration, an optimizer step when it completes an accumulation cycle.
+    pub fn adapt_batch(&mut self, keys: &[&str], pixels: &[&[f32]], gens: &[&[f32]]) -> Result<DusaBatch, tch::TchError> {
+        let started = Instant::now();
+        let device = self.classifier.device;
+        self.classifier.set_eval();
+        let x = self.classifier.batch_from(pixels);
+        let z0 = self.encode(gens)?;
+        let latent = self.diffusion.latent_shape.clone();
+        let classes = self.classifier.num_classes as i64;
+        let (eps, u): (Vec<Tensor>, Vec<Tensor>) = keys
+            .iter()
+            .map(|key| {
+                self.draws.begin_image(key);
+                self.draws.draw(&latent, classes, device)
+            })
+            .unzip();
+        let pass = self.pass(&x, &z0, &Tensor::cat(&eps, 0), &Tensor::cat(&u, 0))?;
+        let before = predictions(&pass.logits, self.report_topk)?;
+        let image_losses = Vec::<f32>::try_from(pass.losses.detach().to_device(Device::Cpu))?;
+        let entropies = Vec::<f32>::try_from(entropy(&pass.logits.detach()).to_device(Device::Cpu))?;
+        let candidates = Vec::<i64>::try_from(pass.candidates.flatten(0, -1).to_device(Device::Cpu))?
+            .chunks(self.candidates_per_image() as usize)
+            .map(<[i64]>::to_vec)
+            .collect();
+        let loss = pass.losses.mean(Kind::Float) / self.accum as f64;
+        let loss_value = f64::try_from(&loss)?;
+        let denoiser_evals = self.candidates_per_image() as u64;
+        if !loss_value.is_finite() {
+            // Caught before the backward pass: no gradient and no weight changed.
+            return Ok(DusaBatch {
+                after: before.clone(),
+                before,
+                image_losses,
+                entropies,
+                loss: loss_value as f32,
+                candidates,
+                grad_norm: 0.0,
+                stepped: false,
+                diverged: Some(format!("batch loss became {loss_value}; prediction before kept")),
+                denoiser_evals,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+        loss.f_backward()?;
+        self.pending += 1;
+        let grad_norm = f64::try_from(&self.params.grad_norm())? as f32;
+        let stepped = self.pending >= self.accum;
+        if stepped {
+            self.step_pending()?;
+        }
+        let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
+        let after = predictions(&logits, self.report_topk)?;
+        Ok(DusaBatch {
+            before,
+            after,
+            image_losses,
+            entropies,
+            loss: loss_value as f32,
+            candidates,
+            grad_norm,
+            stepped,
+            diverged: None,
+            denoiser_evals,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Applies the accumulated gradients (online), with a rollback point while it runs.
+    fn step_pending(&mut self) -> Result<(), tch::TchError> {
+        self.rollback = Some((self.params.snapshot(), self.optimizer.snapshot()));
+        self.optimizer.step(&self.params.tensors)?;
+        self.rollback = None;
+        self.params.zero_grad();
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// The classifier's prediction for `x` as the weights are now, without gradients.
+    fn predict(&self, x: &Tensor) -> Result<Prediction, tch::TchError> {
+        let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(x)))?;
+        Ok(predictions(&logits, self.report_topk)?.remove(0))
+    }
+
+    /// Back to the weights and optimizer state from before the first image.
+    pub fn reset(&mut self) {
+        self.params.zero_grad();
+        self.params.restore(&self.originals);
+        self.optimizer.reset();
+    }
+
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.precision == Precision::Bf16 {
+            crate::tta::autocast::bf16(f)
+        } else {
+            f()
+        }
+    }
+
+    fn run_episodic(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
+        per_image(batch, |p, pixels, gen| {
+            let adapted = self.adapt_image(&p.key, pixels, gen);
+            self.reset();
+            let adapted = adapted?;
+            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
+            o.set_before(&adapted.before);
+            o.set_after(adapted.after);
+            o.loss_first = adapted.steps.first().map(|s| s.loss);
+            o.loss_last = adapted.steps.last().map(|s| s.loss);
+            o.steps = adapted.steps.len() as u32;
+            o.adapt_ms = adapted.elapsed_ms;
+            o.step_log = adapted.steps;
+            o.denoiser_evals = adapted.denoiser_evals;
+            o.stop_reason = adapted.stop_reason;
+            if let Some(reason) = adapted.diverged {
+                o.status = Status::Diverged;
+                o.error = Some(reason);
+            }
+            Ok(o)
+        })
+    }
+
+    fn run_online(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
+        let usable: Vec<(&Prepared, &[f32], &[f32])> = batch
+            .iter()
+            .filter_map(|p| Some((p, p.pixels.as_deref()?, p.gen_pixels.as_deref()?)))
+            .collect();
+        let mut result = None;
+        if let Some((first, _, _)) = usable.first() {
+            // The adapt stage never mixes variants in a batch. Gradients pending for the
+            // live stream go to it before it is parked.
+            if first.variant != self.streams.live() && self.pending > 0 {
+                self.step_pending()?;
+            }
+            self.streams
+                .switch(first.variant, &self.params, &mut self.optimizer, &self.originals);
+            let keys: Vec<&str> = usable.iter().map(|(p, _, _)| p.key.as_str()).collect();
+            let pixels: Vec<&[f32]> = usable.iter().map(|u| u.1).collect();
+            let gens: Vec<&[f32]> = usable.iter().map(|u| u.2).collect();
+            result = Some(self.adapt_batch(&keys, &pixels, &gens)?);
+        }
+        let Some(r) = result else {
+            return Ok(batch.iter().map(Outcome::unpredicted).collect());
+        };
+        let ms = r.elapsed_ms / usable.len() as f64;
+        let lr = self.optimizer.lr() as f32;
+        let mut rows = r
+            .before
+            .into_iter()
+            .zip(r.after)
+            .zip(r.image_losses.into_iter().zip(r.entropies))
+            .zip(usable.iter().map(|u| u.0));
+        Ok(batch
+            .iter()
+            .map(|p| {
+                if p.pixels.is_none() || p.gen_pixels.is_none() {
+                    return Outcome::unpredicted(p);
+                }
+                let (((before, after), (loss, entropy)), q) = rows.next().expect("one result per usable image");
+                debug_assert_eq!(q.key, p.key);
+                let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
+                o.step_log = vec![StepRecord {
+                    step: 0,
+                    loss,
+                    pred: before.class,
+                    conf: before.conf,
+                    entropy,
+                    lr,
+                    grad_norm: r.grad_norm,
+                    elapsed_ms: r.elapsed_ms,
+                }];
+                o.set_before(&before);
+                o.set_after(after);
+                o.loss_first = Some(loss);
+                o.loss_last = Some(loss);
+                o.steps = 1;
+                o.adapt_ms = ms;
+                o.denoiser_evals = r.denoiser_evals;
+                if let Some(reason) = &r.diverged {
+                    o.status = Status::Diverged;
+                    o.error = Some(reason.clone());
+                    o.stop_reason = StopReason::Diverged;
+                }
+                o
+            })
+            .collect())
+    }
+}
+
+/// Entropy of each row's softmax, `[B]`.
+fn entropy(logits: &Tensor) -> Tensor {
+    let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
+    -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float)
+}
+
+/// `[pred, conf, entropy, grad_norm]` of a step, on the device (no sync).
+fn step_metrics_row(logits: &Tensor, grad_norm: &Tensor) -> Tensor {
+    let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
+    let (conf, pred) = probs.max_dim(-1, false);
+    let entropy = entropy(logits);
+    Tensor::cat(
+        &[pred.to_kind(Kind::Float), conf, entropy, grad_norm.to_device(probs.device()).view([1])],
+        0,
+    )
+}
+
+/// Steps rows from the per-step device metrics (one host copy) and host values.
+fn step_records(metrics: &[Tensor], host: &[(f32, f64)], lr: f32) -> Result<Vec<StepRecord>, tch::TchError> {
+    if metrics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let m = Vec::<f32>::try_from(Tensor::stack(metrics, 0).to_device(Device::Cpu).flatten(0, -1))?;
+    Ok(host
+        .iter()
+        .enumerate()
+        .map(|(i, (loss, elapsed_ms))| StepRecord {
+            step: i as u32,
+            loss: *loss,
+            pred: m[i * 4] as i64,
+            conf: m[i * 4 + 1],
+            entropy: m[i * 4 + 2],
+            lr,
+            grad_norm: m[i * 4 + 3],
+            elapsed_ms: *elapsed_ms,
+        })
+        .collect())
+}
+
+impl Method for Dusa {
+    fn batch_size(&self) -> usize {
+        match self.mode {
+            Mode::Episodic => 1,
+            Mode::Online => self.batch_size,
+        }
+    }
+
+    fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
+        match self.mode {
+            Mode::Episodic => self.run_episodic(batch),
+            Mode::Online => self.run_online(batch),
+        }
+    }
+
+    /// Episodic: back to the source weights. Online: an interrupted optimizer step is
+    /// undone; the gradients of an unfinished accumulation cycle are dropped.
+    fn recover(&mut self) {
+        self.classifier.set_eval();
+        match self.mode {
+            Mode::Episodic => self.reset(),
+            Mode::Online => {
+                if let Some((params, state)) = self.rollback.take() {
+                    self.params.restore(&params);
+                    self.optimizer.restore(state);
+                }
+                self.params.zero_grad();
+                self.pending = 0;
+            }
+        }
+    }
+}
