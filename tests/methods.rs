@@ -315,8 +315,9 @@ fn dusa_candidate_counts_beyond_the_classes_are_one_line_errors() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("tta.dusa.topk") && err.contains("10 classes"), "{err}");
+    // A bad value in the config itself: exit 2, naming the key.
     let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "tta.dusa.topk=0"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("tta.dusa.topk"), "{}", text(&o));
     assert!(committed_files(&out).is_empty(), "nothing committed");
 }
