@@ -215,6 +215,19 @@ SHARD="${GIVEN_SHARD:-$WORK/images/shard-000000.tar}"
 DUSA_SHARD="${GIVEN_SHARD:-$WORK/dusa-images/shard-000000.tar}"
 
 # 3. dtta, then the reference, per precision.
+launch() {  # tag: runs $WORK/pipeline-TAG.toml, times the process
+    local tag=$1 t0 t1
+    t0=$(date +%s.%N)
+    if ! "$DTTA" run "$WORK/pipeline-$tag.toml" --no-progress >"$WORK/dtta-$tag.log" 2>&1; then
+        tail -n 20 "$WORK/dtta-$tag.log" >&2
+        echo "bench/gpu.sh: dtta run ($tag) failed; log: $WORK/dtta-$tag.log" >&2
+        exit 1
+    fi
+    t1=$(date +%s.%N)
+    python_float "$t1 - $t0" >"$WORK/dtta-$tag.wall"
+    say "dtta $tag: done in $(cat "$WORK/dtta-$tag.wall")s (process wall time, model load included)"
+}
+
 run_dtta() {  # tag precision fuse
     local tag=$1 prec=$2 fuse=$3
     cat >"$WORK/pipeline-$tag.toml" <<EOF
@@ -242,16 +255,7 @@ device = "$DEVICE"
 torch_threads = $THREADS
 seed = 0
 EOF
-    local t0 t1
-    t0=$(date +%s.%N)
-    if ! "$DTTA" run "$WORK/pipeline-$tag.toml" --no-progress >"$WORK/dtta-$tag.log" 2>&1; then
-        tail -n 20 "$WORK/dtta-$tag.log" >&2
-        echo "bench/gpu.sh: dtta run ($tag) failed; log: $WORK/dtta-$tag.log" >&2
-        exit 1
-    fi
-    t1=$(date +%s.%N)
-    python_float "$t1 - $t0" >"$WORK/dtta-$tag.wall"
-    say "dtta $tag: done in $(cat "$WORK/dtta-$tag.wall")s (process wall time, model load included)"
+    launch "$tag"
 }
 
 run_reference() {  # precision
@@ -296,16 +300,7 @@ torch_threads = $THREADS
 batch_size = $DUSA_BATCH
 seed = 0
 EOF
-    local t0 t1
-    t0=$(date +%s.%N)
-    if ! "$DTTA" run "$WORK/pipeline-$tag.toml" --no-progress >"$WORK/dtta-$tag.log" 2>&1; then
-        tail -n 20 "$WORK/dtta-$tag.log" >&2
-        echo "bench/gpu.sh: dtta run ($tag) failed; log: $WORK/dtta-$tag.log" >&2
-        exit 1
-    fi
-    t1=$(date +%s.%N)
-    python_float "$t1 - $t0" >"$WORK/dtta-$tag.wall"
-    say "dtta $tag: done in $(cat "$WORK/dtta-$tag.wall")s (process wall time, model load included)"
+    launch "$tag"
 }
 
 TAGS=()

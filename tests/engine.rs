@@ -157,7 +157,10 @@ fn check_dusa_parity(bundle_dir: &Path, cfg: TtaConfig, batch: usize, batches: u
     let (losses, candidates): (Vec<f32>, Vec<Vec<i64>>) = if cfg.mode == Mode::Episodic {
         let r = engine.adapt_image("k", &image(x_cls, 0), &image(x_gen, 0)).unwrap();
         assert!(r.diverged.is_none());
-        assert_eq!(r.denoiser_evals as usize, r.iteration_losses.len() * (cfg.dusa.topk + cfg.dusa.random));
+        assert_eq!(
+            r.denoiser_evals as usize,
+            r.iteration_losses.len() * (cfg.dusa.topk + cfg.dusa.random)
+        );
         (r.iteration_losses, r.candidates)
     } else {
         let mut losses = Vec::new();
@@ -188,7 +191,12 @@ fn check_dusa_parity(bundle_dir: &Path, cfg: TtaConfig, batch: usize, batches: u
     assert!(rel < 1e-4, "losses differ by {rel:e}: {losses:?} vs {ref_losses:?}");
     let params = engine.adapted_parameters();
     let expected: Vec<&String> = reference.keys().filter(|k| k.starts_with("param.")).collect();
-    assert_eq!(params.names.len(), expected.len(), "same adapted set: {:?}", params.names);
+    assert_eq!(
+        params.names.len(),
+        expected.len(),
+        "same adapted set: {:?}",
+        params.names
+    );
     let mut moved = false;
     for (name, t) in params.names.iter().zip(&params.tensors) {
         let r = &reference[&format!("param.{name}")];
@@ -247,7 +255,17 @@ fn dusa_matches_the_reference_episodic_steps_and_online_accumulation() {
         3,
         4,
         &[
-            "--mode", "online", "--batch", "3", "--batches", "4", "--accum", "2", "--lr", "1e-3", "--adapt",
+            "--mode",
+            "online",
+            "--batch",
+            "3",
+            "--batches",
+            "4",
+            "--accum",
+            "2",
+            "--lr",
+            "1e-3",
+            "--adapt",
             "classifier",
         ],
     );

@@ -243,7 +243,10 @@ fn dusa_episodic_and_online_write_their_rows_and_steps_on_the_demo_bundle() {
         "dusa",
         "method = \"dusa\"\nmode = \"episodic\"\n[tta.dusa]\nsteps = 2\nlr = 1e-3",
     );
-    let (online, o_steps) = run("dusa-online", "method = \"dusa\"\nmode = \"online\"\n[tta.dusa]\nlr = 1e-3");
+    let (online, o_steps) = run(
+        "dusa-online",
+        "method = \"dusa\"\nmode = \"online\"\n[tta.dusa]\nlr = 1e-3",
+    );
     for rows in [&episodic, &online] {
         assert_eq!(rows.len(), 12);
         assert!(
@@ -276,7 +279,10 @@ fn dusa_episodic_results_depend_on_seed_and_key_not_on_layout_or_workers() {
     let tta = "method = \"dusa\"\n[tta.dusa]\nsteps = 2\nlr = 1e-3";
     let a_in = shards(&tmp.path().join("a"), 6, 2);
     let a_out = tmp.path().join("out-a");
-    let o = run_dtta(&["run", pipeline(tmp.path(), &a_in, &a_out, &bundle, tta).to_str().unwrap()]);
+    let o = run_dtta(&[
+        "run",
+        pipeline(tmp.path(), &a_in, &a_out, &bundle, tta).to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let b_in = shards(&tmp.path().join("b"), 3, 4);
     let b_out = tmp.path().join("out-b");
@@ -315,8 +321,13 @@ fn dusa_candidate_counts_beyond_the_classes_are_one_line_errors() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("tta.dusa.topk") && err.contains("10 classes"), "{err}");
+    // A bad value in the config itself: exit 2, naming the key.
     let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "tta.dusa.topk=0"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("tta.dusa.topk"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("tta.dusa.topk"),
+        "{}",
+        text(&o)
+    );
     assert!(committed_files(&out).is_empty(), "nothing committed");
 }

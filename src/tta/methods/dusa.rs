@@ -361,11 +361,11 @@ impl Dusa {
                 let loss = pass.losses.mean(Kind::Float) / self.accum as f64;
                 let value = f64::try_from(&loss)?; // one sync per iteration, before backward
                 iteration_losses.push(value as f32);
-                candidates.push(Vec::<i64>::try_from(pass.candidates.flatten(0, -1).to_device(Device::Cpu))?);
+                candidates.push(Vec::<i64>::try_from(
+                    pass.candidates.flatten(0, -1).to_device(Device::Cpu),
+                )?);
                 if !value.is_finite() {
-                    diverged = Some(format!(
-                        "loss became {value} at step {step}; source prediction kept"
-                    ));
+                    diverged = Some(format!("loss became {value} at step {step}; source prediction kept"));
                     break 'steps;
                 }
                 loss.f_backward()?;
@@ -422,7 +422,12 @@ impl Dusa {
 
     /// Online adaptation of one batch of images of the live variant stream: one
     /// iteration, an optimizer step when it completes an accumulation cycle.
-    pub fn adapt_batch(&mut self, keys: &[&str], pixels: &[&[f32]], gens: &[&[f32]]) -> Result<DusaBatch, tch::TchError> {
+    pub fn adapt_batch(
+        &mut self,
+        keys: &[&str],
+        pixels: &[&[f32]],
+        gens: &[&[f32]],
+    ) -> Result<DusaBatch, tch::TchError> {
         let started = Instant::now();
         let device = self.classifier.device;
         self.classifier.set_eval();
@@ -621,7 +626,12 @@ fn step_metrics_row(logits: &Tensor, grad_norm: &Tensor) -> Tensor {
     let (conf, pred) = probs.max_dim(-1, false);
     let entropy = entropy(logits);
     Tensor::cat(
-        &[pred.to_kind(Kind::Float), conf, entropy, grad_norm.to_device(probs.device()).view([1])],
+        &[
+            pred.to_kind(Kind::Float),
+            conf,
+            entropy,
+            grad_norm.to_device(probs.device()).view([1]),
+        ],
         0,
     )
 }
