@@ -77,7 +77,9 @@ device = "cpu"
     assert_eq!(rows, 300);
 
     // A second run skips the committed shards.
-    let again = pipeline::run(config, Worker::SOLO, ProgressMode::Log, MixedBundles::Refuse).await.unwrap();
+    let again = pipeline::run(config, Worker::SOLO, ProgressMode::Log, MixedBundles::Refuse)
+        .await
+        .unwrap();
     assert_eq!(again.shards_skipped, 3);
     assert_eq!(again.tally.rows, 0);
 }

@@ -141,7 +141,12 @@ fn a_wrong_pin_exits_2_with_both_digests_and_writes_nothing() {
     let other = copy_demo_bundle(tmp.path());
     std::fs::remove_file(other.join("denoiser.pt")).unwrap();
     let pin = shell_bundle_sha256(&other);
-    let o = run_dtta(&["run", pipeline.to_str().unwrap(), "--set", &format!("model.sha256={pin}")]);
+    let o = run_dtta(&[
+        "run",
+        pipeline.to_str().unwrap(),
+        "--set",
+        &format!("model.sha256={pin}"),
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
     let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
@@ -154,7 +159,11 @@ fn a_wrong_pin_exits_2_with_both_digests_and_writes_nothing() {
     // A pin that is no digest is a configuration error.
     let o = run_dtta(&["run", pipeline.to_str().unwrap(), "--set", "model.sha256=e25fa978"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("model.sha256"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("model.sha256"),
+        "{}",
+        text(&o)
+    );
 
     // The right pin runs; without one, the digest is logged with a hint to pin it.
     let pinned = format!("model.sha256={}", demo.to_uppercase());
@@ -214,7 +223,9 @@ fn resuming_with_a_changed_bundle_is_refused_unless_allowed() {
     let runs = run_summaries(&out);
     let digests: Vec<&str> = runs.iter().map(|r| r["bundle_sha256"].as_str().unwrap()).collect();
     assert_eq!(digests, [first.as_str(), second.as_str()]);
-    assert!(runs.iter().all(|r| r["dtta_version"].is_string() && r["config"].is_object()));
+    assert!(runs
+        .iter()
+        .all(|r| r["dtta_version"].is_string() && r["config"].is_object()));
 
     // `summarize` shows each run's bundle and the committed shards per bundle.
     let o = run_dtta(&["summarize", out.to_str().unwrap()]);
@@ -230,7 +241,10 @@ fn resuming_with_a_changed_bundle_is_refused_unless_allowed() {
         assert!(s.contains(&line), "{line}\n{s}");
     }
     for digest in [&first, &second] {
-        assert!(s.contains(&format!("bundle sha256 {digest}: 1 committed shard(s)")), "{s}");
+        assert!(
+            s.contains(&format!("bundle sha256 {digest}: 1 committed shard(s)")),
+            "{s}"
+        );
     }
 }
 
@@ -258,7 +272,8 @@ fn shards_committed_before_digests_were_recorded_count_as_another_bundle() {
     assert!(o.status.success(), "{}", text(&o));
     let o = run_dtta(&["summarize", out.to_str().unwrap()]);
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("bundle sha256 unknown (before dtta recorded it): 1 committed shard(s)"),
+        String::from_utf8_lossy(&o.stdout)
+            .contains("bundle sha256 unknown (before dtta recorded it): 1 committed shard(s)"),
         "{}",
         text(&o)
     );

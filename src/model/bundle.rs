@@ -505,22 +505,31 @@ fn read_local(dir: &Path, source: &str) -> Result<BTreeMap<String, Bytes>, Bundl
         message,
     };
     if !dir.is_dir() {
-        return Err(err(".", "no such folder (a bundle is a folder with bundle.toml)".into()));
+        return Err(err(
+            ".",
+            "no such folder (a bundle is a folder with bundle.toml)".into(),
+        ));
     }
     let mut files = BTreeMap::new();
     let mut pending: Vec<(PathBuf, String, usize)> = vec![(dir.to_owned(), String::new(), 0)];
     while let Some((folder, prefix, depth)) = pending.pop() {
         let shown = if prefix.is_empty() { "." } else { prefix.as_str() };
         if depth > MAX_DEPTH {
-            return Err(err(shown, format!("nested more than {MAX_DEPTH} folders deep (a symlink loop?)")));
+            return Err(err(
+                shown,
+                format!("nested more than {MAX_DEPTH} folders deep (a symlink loop?)"),
+            ));
         }
         let entries = std::fs::read_dir(&folder).map_err(|e| err(shown, e.to_string()))?;
         for entry in entries {
             let entry = entry.map_err(|e| err(shown, e.to_string()))?;
             let name = entry.file_name();
-            let name = name
-                .to_str()
-                .ok_or_else(|| err(&format!("{prefix}{}", name.to_string_lossy()), "the name is not UTF-8".into()))?;
+            let name = name.to_str().ok_or_else(|| {
+                err(
+                    &format!("{prefix}{}", name.to_string_lossy()),
+                    "the name is not UTF-8".into(),
+                )
+            })?;
             let rel = format!("{prefix}{name}");
             let path = entry.path();
             let meta = std::fs::metadata(&path).map_err(|e| err(&rel, e.to_string()))?;

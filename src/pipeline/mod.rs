@@ -228,7 +228,11 @@ pub async fn run(
     let pin = config.model.sha256.as_deref();
     let bundle = Bundle::open_pinned(&config.model.bundle, &store_options(&config), pin).await?;
     match pin {
-        Some(_) => tracing::info!("bundle {}: sha256 {} (matches model.sha256)", bundle.source, bundle.sha256),
+        Some(_) => tracing::info!(
+            "bundle {}: sha256 {} (matches model.sha256)",
+            bundle.source,
+            bundle.sha256
+        ),
         None => tracing::info!(
             "bundle {}: sha256 {}; pin it (model.sha256 = \"{}\") to refuse any other bundle",
             bundle.source,

@@ -46,8 +46,7 @@ impl WriteStage {
             while let Some(event) = rx.recv().await {
                 match event {
                     Event::Control(Control::Begin(shard)) => {
-                        let writer =
-                            ShardWriter::create(
+                        let writer = ShardWriter::create(
                             &self.output,
                             &self.run_id,
                             &shard,

@@ -55,7 +55,11 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
         writeln!(w, "bundle sha256 {digest}: {shards} committed shard(s)")?;
     }
     if summary.bundles.len() > 1 {
-        writeln!(w, "note: these committed shards come from {} model bundles", summary.bundles.len())?;
+        writeln!(
+            w,
+            "note: these committed shards come from {} model bundles",
+            summary.bundles.len()
+        )?;
     }
     for r in &summary.run_list {
         writeln!(
