@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use dtta::config::PipelineConfig;
 use dtta::model::device::{self, DeviceSpec};
 use dtta::model::Bundle;
-use dtta::pipeline::{self, ProgressMode};
+use dtta::pipeline::{self, MixedBundles, ProgressMode};
 use dtta::report::{console, summary, tables};
 use dtta::storage::{self, StoreOptions};
 use dtta::worker::Worker;
@@ -34,6 +34,10 @@ enum Command {
         /// Log lines instead of a progress bar, even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// Add shards to an output whose committed shards were made with another model
+        /// bundle (by default such a run is refused).
+        #[arg(long)]
+        allow_mixed_bundles: bool,
     },
     /// Print this worker's shards and which are already committed.
     Plan {
@@ -89,7 +93,11 @@ fn main() -> ExitCode {
     };
     let done = runtime.block_on(async {
         match cli.command {
-            Command::Run { pipeline, no_progress } => cmd_run(pipeline, no_progress).await,
+            Command::Run {
+                pipeline,
+                no_progress,
+                allow_mixed_bundles,
+            } => cmd_run(pipeline, no_progress, allow_mixed_bundles).await,
             Command::Plan { pipeline } => cmd_plan(pipeline).await,
             Command::Inspect { bundle, device } => cmd_inspect(&bundle, &device).await,
             Command::Summarize { output_url } => cmd_summarize(&output_url).await,
@@ -125,14 +133,20 @@ fn print(write: impl FnOnce(&mut StdoutLock) -> io::Result<()>) -> Result<(), Ex
     }
 }
 
-async fn cmd_run(args: PipelineArgs, no_progress: bool) -> Result<(), ExitCode> {
+async fn cmd_run(args: PipelineArgs, no_progress: bool, allow_mixed_bundles: bool) -> Result<(), ExitCode> {
     let (config, worker) = args.load().or_fail(2)?;
     let mode = if !no_progress && std::io::stderr().is_terminal() {
         ProgressMode::Bar
     } else {
         ProgressMode::Log
     };
-    let report = pipeline::run(config, worker, mode).await.or_fail(1)?;
+    let mixing = match allow_mixed_bundles {
+        true => MixedBundles::Allow,
+        false => MixedBundles::Refuse,
+    };
+    let report = pipeline::run(config, worker, mode, mixing)
+        .await
+        .map_err(|e| fail(&e, e.exit_code()))?;
     // Failed shards set the exit code even when nobody reads the report.
     let printed = print(|w| console::write_run(w, &report));
     if let Some(first) = report.shards_failed.first() {

@@ -6,7 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use dtta::config::PipelineConfig;
-use dtta::pipeline::{self, ProgressMode};
+use dtta::pipeline::{self, MixedBundles, ProgressMode};
 use dtta::sink::commit;
 use dtta::storage::{self, StoreOptions};
 use dtta::worker::Worker;
@@ -43,11 +43,17 @@ bundle = "memory:///bucket/models/demo"
 device = "cpu"
 "#;
     let config = PipelineConfig::from_toml_str(text, std::path::Path::new("inline.toml"), &[]).unwrap();
-    let report = pipeline::run(config.clone(), Worker::SOLO, ProgressMode::Log)
+    let report = pipeline::run(config.clone(), Worker::SOLO, ProgressMode::Log, MixedBundles::Refuse)
         .await
         .unwrap();
     assert_eq!(report.shards_committed.len(), 3);
     assert_eq!(report.tally.rows, 300);
+    // The digest of a bundle in a store is that of the same files in a folder.
+    let local = tempfile::tempdir().unwrap();
+    for file in ["bundle.toml", "classifier.pt"] {
+        std::fs::copy(demo_bundle().join(file), local.path().join(file)).unwrap();
+    }
+    assert_eq!(report.bundle_sha256, shell_bundle_sha256(local.path()));
 
     let out = storage::open("memory:///bucket/results/", &opts).unwrap();
     let markers = commit::read_markers(&out).await.unwrap();
@@ -71,7 +77,9 @@ device = "cpu"
     assert_eq!(rows, 300);
 
     // A second run skips the committed shards.
-    let again = pipeline::run(config, Worker::SOLO, ProgressMode::Log).await.unwrap();
+    let again = pipeline::run(config, Worker::SOLO, ProgressMode::Log, MixedBundles::Refuse)
+        .await
+        .unwrap();
     assert_eq!(again.shards_skipped, 3);
     assert_eq!(again.tally.rows, 0);
 }

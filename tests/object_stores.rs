@@ -135,6 +135,7 @@ fn s3_input_and_output_commit_once_and_keep_secrets() {
         steps: "steps/s.r1.parquet".into(),
         source: String::new(),
         method: "source".into(),
+        bundle_sha256: Some("0".repeat(64)),
         worker_index: 0,
         worker_count: 1,
         committed_at: String::new(),

@@ -5,9 +5,10 @@ Usage: python tools/check_predictions.py OUTPUT_DIR SHARDS_DIR BUNDLE_DIR
 Reads the committed predictions with pyarrow and with DuckDB (through the commit
 markers, the documented way), recomputes every prediction with torch.jit on images
 decoded by PIL, and fails unless every sample appears exactly once with the same
-predicted class. Prints the accuracy both ways. Grayscale bundles only (the demo).
+predicted class, and every row and marker names the bundle's digest. Prints the accuracy both ways. Grayscale bundles only (the demo).
 """
 import glob
+import hashlib
 import io
 import json
 import os
@@ -16,10 +17,24 @@ import tarfile
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import tomllib
 from PIL import Image
+
+
+def bundle_sha256(bundle):
+    """The bundle digest (README, "Provenance"), computed here independently of dtta."""
+    entries = []
+    for root, _, files in os.walk(bundle, followlinks=True):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            entries.append((os.path.relpath(path, bundle).encode(), digest))
+    listing = b"".join(digest.encode() + b"  " + rel + b"\n" for rel, digest in sorted(entries))
+    return hashlib.sha256(listing).hexdigest()
 
 
 def main():
@@ -71,6 +86,11 @@ def main():
     mismatched = [r["key"] for r in rows if r["pred_after"] != expected[r["key"]]]
     assert not mismatched, f"{len(mismatched)} predictions differ from PyTorch, e.g. {mismatched[:5]}"
     assert all(duck[k] == expected[k] for k in keys), "duckdb disagrees"
+    digest = bundle_sha256(bundle)
+    lineage = table.schema.field("bundle_sha256").type
+    assert pa.types.is_dictionary(lineage), f"bundle_sha256 is {lineage}, not dictionary-encoded"
+    assert set(table.column("bundle_sha256").to_pylist()) == {digest}, "rows name another bundle"
+    assert all(m["bundle_sha256"] == digest for m in markers), "a commit marker names another bundle"
     acc = np.mean([expected[k] == labels[k] for k in keys])
     print(f"ok: {len(rows)} rows, each key once, predictions equal PyTorch's; top-1 {100 * acc:.2f}%")
 

@@ -68,6 +68,10 @@ pub struct OutputConfig {
 pub struct ModelConfig {
     /// Local folder or object-store URL of a model bundle (a folder with bundle.toml).
     pub bundle: String,
+    /// The bundle's expected digest (64 hex digits, see `model::bundle::sha256_of_files`);
+    /// a bundle whose digest differs is refused before anything runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -254,6 +258,14 @@ impl PipelineConfig {
         if self.model.bundle.trim().is_empty() {
             return Err(("model.bundle", "must not be empty".into()));
         }
+        if let Some(pin) = &self.model.sha256 {
+            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    "model.sha256",
+                    format!("{pin:?} is not a sha256 digest (64 hex digits, as `dtta inspect` prints)"),
+                ));
+            }
+        }
         positive("tta.topk", self.tta.topk)?;
         positive("tta.steps", self.tta.steps)?;
         positive("tta.accum", self.tta.accum)?;
@@ -431,6 +443,18 @@ bundle = "configs/bundles/demo-mnist"
         assert!(err.contains("runtime.device"), "{err}");
         let err = load(BASE, &["tta.method=magic"]).unwrap_err().to_string();
         assert!(err.contains("tta.method") && err.contains("source"), "{err}");
+    }
+
+    #[test]
+    fn the_bundle_pin_must_be_a_sha256_digest() {
+        let digest = "e25fa978203e0365277dae552430e1b5e85e1352f609484f1990335517b0cc04";
+        let c = load(BASE, &[&format!("model.sha256={digest}")]).unwrap();
+        assert_eq!(c.model.sha256.as_deref(), Some(digest));
+        for bad in [&digest[..63], "sha256:e25fa978", &format!("{}g", &digest[..63])] {
+            let err = load(BASE, &[&format!("model.sha256={bad}")]).unwrap_err().to_string();
+            assert!(err.contains("model.sha256") && err.contains("64 hex digits"), "{err}");
+        }
+        assert!(load(BASE, &[]).unwrap().model.sha256.is_none());
     }
 
     #[test]

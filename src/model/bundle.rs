@@ -1,14 +1,25 @@
 //! Model bundles: a folder with `bundle.toml` and TorchScript files, local or in an
-//! object store (remote bundles are downloaded once into a temporary folder).
+//! object store.
 //!
-//! Invariant: a loaded [`Classifier`] has been run once on a zero batch and its output
-//! shape checked against `bundle.toml`, so shape mistakes fail at start, not mid-run.
+//! Invariants: every file of the bundle is read exactly once, into memory, and hashed
+//! as read; the models are loaded from those bytes, never from the path again, so the
+//! bundle's digest ([`Bundle::sha256`]) covers exactly what runs, and a file changed
+//! after the digest was taken is never loaded. Files the spec names resolve only inside
+//! the bundle (no `..`, no absolute paths). A loaded [`Classifier`] has been run once on
+//! a zero batch and its output shape checked against `bundle.toml`, so shape mistakes
+//! fail at start, not mid-run.
+//!
+//! Hazard: TorchScript files are code; a pin ([`Bundle::open_pinned`]) is what keeps a
+//! swapped bundle from running.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::schedule::{alphas_cumprod, ScheduleKind};
@@ -33,6 +44,14 @@ pub enum BundleError {
     },
     #[error("bundle {bundle}: {message}")]
     Shape { bundle: String, message: String },
+    #[error(
+        "bundle {bundle}: its sha256 is {actual}, but model.sha256 pins {expected}; refusing to run another bundle (update the pin if the change is intended)"
+    )]
+    PinMismatch {
+        bundle: String,
+        expected: String,
+        actual: String,
+    },
     #[error(transparent)]
     Storage(#[from] storage::StorageError),
 }
@@ -49,6 +68,20 @@ pub struct BundleSpec {
     /// The diffusion model; needed by diffusion-tta and diffusion-classifier.
     #[serde(default)]
     pub diffusion: Option<DiffusionSpec>,
+}
+
+impl BundleSpec {
+    /// Every file the spec names, as written.
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        let diffusion = self.diffusion.iter().flat_map(|d| {
+            [Some(&d.denoiser), Some(&d.class_embeddings), d.encoder.as_ref()]
+                .into_iter()
+                .flatten()
+        });
+        std::iter::once(&self.classifier.file)
+            .chain(diffusion)
+            .map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -121,84 +154,93 @@ pub struct PreprocessSpec {
     pub std: Vec<f32>,
 }
 
-/// A bundle on local disk, ready to load.
+/// A bundle read into memory, ready to load.
 #[derive(Debug)]
 pub struct Bundle {
     pub spec: BundleSpec,
-    pub dir: PathBuf,
     /// Where it came from, for messages (credentials redacted).
     pub source: String,
-    /// Keeps a downloaded bundle's folder alive.
-    _download: Option<tempfile::TempDir>,
+    /// [`sha256_of_files`] over every file of the bundle, as read.
+    pub sha256: String,
+    /// The files the spec names, by normalized relative path, as read (and hashed).
+    files: BTreeMap<String, Bytes>,
 }
+
+/// Deepest folder nesting read below a local bundle (symlinks are followed; a loop ends here).
+const MAX_DEPTH: usize = 16;
 
 impl Bundle {
     /// Opens a bundle from a local folder or an object-store URL.
     pub async fn open(location: &str, options: &StoreOptions) -> Result<Bundle, BundleError> {
-        let local = Path::new(location);
-        if !location.contains("://") || location.starts_with("file://") {
-            let dir = if let Some(p) = location.strip_prefix("file://") {
-                PathBuf::from(p)
-            } else {
-                local.to_owned()
-            };
-            return Self::from_dir(dir, location.to_string(), None);
-        }
-        let root = storage::open(location, options)?;
-        let tmp = tempfile::tempdir().map_err(|e| BundleError::Read {
-            bundle: root.display.clone(),
-            file: "(temporary folder)".into(),
-            message: e.to_string(),
-        })?;
-        let read_err = |file: String, message: String| BundleError::Read {
-            bundle: root.display.clone(),
-            file,
-            message,
-        };
-        let objects: Vec<_> = storage::retrying("listing the bundle", || {
-            root.store.list(Some(&root.prefix)).try_collect()
-        })
-        .await
-        .map_err(|e| read_err("(listing)".into(), e.to_string()))?;
-        for meta in objects {
-            let Some(rel) = root.relative(&meta.location) else {
-                continue;
-            };
-            let data = storage::retrying("downloading the bundle", || async {
-                root.store.get(&meta.location).await?.bytes().await
-            })
-            .await
-            .map_err(|e| read_err(rel.clone(), e.to_string()))?;
-            let dest = tmp.path().join(&rel);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| read_err(rel.clone(), e.to_string()))?;
-            }
-            std::fs::write(&dest, &data).map_err(|e| read_err(rel.clone(), e.to_string()))?;
-        }
-        let dir = tmp.path().to_owned();
-        Self::from_dir(dir, root.display.clone(), Some(tmp))
+        Self::open_pinned(location, options, None).await
     }
 
-    fn from_dir(dir: PathBuf, source: String, download: Option<tempfile::TempDir>) -> Result<Bundle, BundleError> {
-        let path = dir.join("bundle.toml");
-        let text = std::fs::read_to_string(&path).map_err(|e| BundleError::Read {
-            bundle: source.clone(),
-            file: "bundle.toml".into(),
-            message: e.to_string(),
-        })?;
+    /// Opens a bundle and, with `pin`, refuses it unless its digest equals the pin
+    /// (compared before `bundle.toml` is even parsed).
+    pub async fn open_pinned(location: &str, options: &StoreOptions, pin: Option<&str>) -> Result<Bundle, BundleError> {
+        let (source, files) = if !location.contains("://") || location.starts_with("file://") {
+            let dir = location.strip_prefix("file://").unwrap_or(location);
+            let source = storage::redact_url(location);
+            let files = read_local(Path::new(dir), &source)?;
+            (source, files)
+        } else {
+            read_remote(location, options).await?
+        };
+        let sha256 = sha256_of_files(&files);
+        if let Some(pin) = pin.filter(|p| !p.eq_ignore_ascii_case(&sha256)) {
+            return Err(BundleError::PinMismatch {
+                bundle: source,
+                expected: pin.to_ascii_lowercase(),
+                actual: sha256,
+            });
+        }
+        Self::from_files(files, source, sha256)
+    }
+
+    fn from_files(mut files: BTreeMap<String, Bytes>, source: String, sha256: String) -> Result<Bundle, BundleError> {
         let spec_err = |message: String| BundleError::Spec {
             bundle: source.clone(),
             message,
         };
-        let value: toml::Value = toml::from_str(&text).map_err(|e| spec_err(e.message().to_string()))?;
+        let raw = files.get("bundle.toml").ok_or_else(|| BundleError::Read {
+            bundle: source.clone(),
+            file: "bundle.toml".into(),
+            message: "no such file in the bundle".into(),
+        })?;
+        let text = std::str::from_utf8(raw).map_err(|e| spec_err(format!("not UTF-8: {e}")))?;
+        let value: toml::Value = toml::from_str(text).map_err(|e| spec_err(e.message().to_string()))?;
         let spec: BundleSpec = serde_path_to_error::deserialize(value)
             .map_err(|e| spec_err(format!("key `{}`: {}", e.path(), e.inner().message())))?;
         validate(&spec).map_err(spec_err)?;
+        // Only the files the spec names stay in memory; the rest were read for the digest.
+        let named: BTreeSet<String> = spec.files().filter_map(normalize).collect();
+        files.retain(|path, _| named.contains(path));
         Ok(Bundle {
             spec,
-            dir,
             source,
-            _download: download,
+            sha256,
+            files,
+        })
+    }
+
+    /// The bytes of a file the spec names.
+    fn file(&self, name: &str) -> Result<&Bytes, BundleError> {
+        normalize(name)
+            .and_then(|path| self.files.get(&path))
+            .ok_or_else(|| BundleError::Read {
+                bundle: self.source.clone(),
+                file: name.to_string(),
+                message: "no such file in the bundle (paths are relative to the bundle folder, without `..`)".into(),
+            })
+    }
+
+    /// Loads a TorchScript file of the bundle on `device`.
+    fn load_module(&self, name: &str, device: Device) -> Result<CModule, BundleError> {
+        let mut data: &[u8] = self.file(name)?;
+        CModule::load_data_on_device(&mut data, device).map_err(|source| BundleError::Load {
+            bundle: self.source.clone(),
+            file: name.to_string(),
+            source,
         })
     }
 
@@ -217,12 +259,7 @@ impl Bundle {
     /// Loads the classifier on `device`, in eval mode, and checks its output shape.
     pub fn load_classifier(&self, device: Device) -> Result<Classifier, BundleError> {
         let spec = &self.spec.classifier;
-        let mut module =
-            CModule::load_on_device(self.dir.join(&spec.file), device).map_err(|source| BundleError::Load {
-                bundle: self.source.clone(),
-                file: spec.file.clone(),
-                source,
-            })?;
+        let mut module = self.load_module(&spec.file, device)?;
         module.set_eval();
         let view = self.classifier_view();
         let classifier = Classifier {
@@ -281,13 +318,7 @@ impl Bundle {
                 message: "this method needs a diffusion model, but bundle.toml has no [diffusion] section".into(),
             });
         };
-        let load = |file: &str| {
-            CModule::load_on_device(self.dir.join(file), device).map_err(|source| BundleError::Load {
-                bundle: bundle.clone(),
-                file: file.to_string(),
-                source,
-            })
-        };
+        let load = |file: &str| self.load_module(file, device);
         let mut denoiser = load(&spec.denoiser)?;
         denoiser.set_eval();
         let encoder = match &spec.encoder {
@@ -298,12 +329,11 @@ impl Bundle {
             }
             None => None,
         };
-        let tensors =
-            Tensor::read_safetensors(self.dir.join(&spec.class_embeddings)).map_err(|source| BundleError::Load {
-                bundle: bundle.clone(),
-                file: spec.class_embeddings.clone(),
-                source,
-            })?;
+        let tensors = read_safetensors(self.file(&spec.class_embeddings)?).map_err(|source| BundleError::Load {
+            bundle: bundle.clone(),
+            file: spec.class_embeddings.clone(),
+            source,
+        })?;
         let shape_err = |message: String| BundleError::Shape {
             bundle: bundle.clone(),
             message,
@@ -435,6 +465,124 @@ impl Diffusion {
     pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>, tch::TchError> {
         self.denoiser.named_parameters()
     }
+}
+
+/// The bundle digest: the sha256 (hex) of what `sha256sum` prints for every file, one
+/// line `<hex>  <path>\n` per file, sorted by path bytewise. That is, in the bundle
+/// folder: `find . -type f | sed 's|^\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum`
+/// (for paths without blanks, quotes or backslashes, which that pipeline mangles).
+/// `files` is keyed by relative path, and a `BTreeMap` iterates in byte order.
+pub fn sha256_of_files(files: &BTreeMap<String, Bytes>) -> String {
+    let mut listing = Sha256::new();
+    for (path, data) in files {
+        listing.update(format!("{:x}  {path}\n", Sha256::digest(data)));
+    }
+    format!("{:x}", listing.finalize())
+}
+
+/// `a/./b` -> `a/b`; `None` for paths that leave the bundle (`..`, absolute) or are empty.
+fn normalize(name: &str) -> Option<String> {
+    if name.starts_with('/') {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            p => parts.push(p),
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+/// Reads every file below `dir`, following symlinks (the digest covers what a symlink
+/// points at, since that is what would be loaded).
+fn read_local(dir: &Path, source: &str) -> Result<BTreeMap<String, Bytes>, BundleError> {
+    let err = |file: &str, message: String| BundleError::Read {
+        bundle: source.to_string(),
+        file: file.to_string(),
+        message,
+    };
+    if !dir.is_dir() {
+        return Err(err(
+            ".",
+            "no such folder (a bundle is a folder with bundle.toml)".into(),
+        ));
+    }
+    let mut files = BTreeMap::new();
+    let mut pending: Vec<(PathBuf, String, usize)> = vec![(dir.to_owned(), String::new(), 0)];
+    while let Some((folder, prefix, depth)) = pending.pop() {
+        let shown = if prefix.is_empty() { "." } else { prefix.as_str() };
+        if depth > MAX_DEPTH {
+            return Err(err(
+                shown,
+                format!("nested more than {MAX_DEPTH} folders deep (a symlink loop?)"),
+            ));
+        }
+        let entries = std::fs::read_dir(&folder).map_err(|e| err(shown, e.to_string()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| err(shown, e.to_string()))?;
+            let name = entry.file_name();
+            let name = name.to_str().ok_or_else(|| {
+                err(
+                    &format!("{prefix}{}", name.to_string_lossy()),
+                    "the name is not UTF-8".into(),
+                )
+            })?;
+            let rel = format!("{prefix}{name}");
+            let path = entry.path();
+            let meta = std::fs::metadata(&path).map_err(|e| err(&rel, e.to_string()))?;
+            if meta.is_dir() {
+                pending.push((path, format!("{rel}/"), depth + 1));
+            } else if meta.is_file() {
+                let data = std::fs::read(&path).map_err(|e| err(&rel, e.to_string()))?;
+                files.insert(rel, Bytes::from(data));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Downloads every object below the bundle URL; returns the redacted URL and the files.
+async fn read_remote(location: &str, options: &StoreOptions) -> Result<(String, BTreeMap<String, Bytes>), BundleError> {
+    let root = storage::open(location, options)?;
+    let read_err = |file: String, message: String| BundleError::Read {
+        bundle: root.display.clone(),
+        file,
+        message,
+    };
+    let objects: Vec<_> = storage::retrying("listing the bundle", || {
+        root.store.list(Some(&root.prefix)).try_collect()
+    })
+    .await
+    .map_err(|e| read_err("(listing)".into(), e.to_string()))?;
+    let mut files = BTreeMap::new();
+    for meta in objects {
+        let Some(rel) = root.relative(&meta.location).filter(|r| !r.is_empty()) else {
+            continue;
+        };
+        let data = storage::retrying("downloading the bundle", || async {
+            root.store.get(&meta.location).await?.bytes().await
+        })
+        .await
+        .map_err(|e| read_err(rel.clone(), e.to_string()))?;
+        files.insert(rel, data);
+    }
+    Ok((root.display.clone(), files))
+}
+
+/// The named tensors of a safetensors file held in memory.
+fn read_safetensors(data: &[u8]) -> Result<Vec<(String, Tensor)>, tch::TchError> {
+    let wrap = |err| tch::TchError::SafeTensorError {
+        path: "(in memory)".into(),
+        err,
+    };
+    let file = safetensors::SafeTensors::deserialize(data).map_err(wrap)?;
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| Ok((name, Tensor::try_from(view)?)))
+        .collect()
 }
 
 fn validate(spec: &BundleSpec) -> Result<(), String> {

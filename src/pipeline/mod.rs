@@ -78,6 +78,35 @@ pub enum PipelineError {
     RowCount { shard: String, samples: u64, rows: u64 },
     #[error("shard {shard}: {event} arrived before its start")]
     OutOfOrder { shard: String, event: &'static str },
+    #[error(
+        "{output} has {others} committed shard(s) not made with this run's bundle (sha256 {ours}): {found}; refusing to mix two models in one table (write to a new output, or pass --allow-mixed-bundles)"
+    )]
+    MixedBundles {
+        output: String,
+        ours: String,
+        others: usize,
+        /// The other digests with their shard counts, one phrase.
+        found: String,
+    },
+}
+
+impl PipelineError {
+    /// The process exit code: 2 when the run was refused as configured (a bundle that
+    /// is not the pinned one, or one that would mix two models in an output), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PipelineError::Bundle(BundleError::PinMismatch { .. }) | PipelineError::MixedBundles { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Whether a run may add shards to an output whose committed shards were made with
+/// another bundle (`--allow-mixed-bundles`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MixedBundles {
+    Refuse,
+    Allow,
 }
 
 /// Store options derived from the config's limits and runtime sections.
@@ -150,6 +179,8 @@ pub struct RunReport {
     pub device: String,
     pub method: &'static str,
     pub bundle: String,
+    /// The bundle's digest, also on every row and commit marker (README, "Provenance").
+    pub bundle_sha256: String,
     pub input: String,
     pub output: String,
     pub shards_listed: usize,
@@ -187,11 +218,35 @@ fn redacted(config: &PipelineConfig) -> PipelineConfig {
     c
 }
 
-/// Runs the pipeline for this worker's uncommitted shards.
-pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode) -> Result<RunReport, PipelineError> {
+/// Runs the pipeline for this worker's uncommitted shards. Refuses (before any shard is
+/// read) a bundle that is not the pinned one, and, unless `mixing` allows it, an output
+/// whose committed shards were made with another bundle.
+pub async fn run(
+    config: PipelineConfig,
+    worker: Worker,
+    progress: ProgressMode,
+    mixing: MixedBundles,
+) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
     let plan = plan(&config, worker).await?;
-    let bundle = Bundle::open(&config.model.bundle, &store_options(&config)).await?;
+    let pin = config.model.sha256.as_deref();
+    let bundle = Bundle::open_pinned(&config.model.bundle, &store_options(&config), pin).await?;
+    match pin {
+        Some(_) => tracing::info!(
+            "bundle {}: sha256 {} (matches model.sha256)",
+            bundle.source,
+            bundle.sha256
+        ),
+        None => tracing::info!(
+            "bundle {}: sha256 {}; pin it (model.sha256 = \"{}\") to refuse any other bundle",
+            bundle.source,
+            bundle.sha256,
+            bundle.sha256
+        ),
+    }
+    if !plan.todo().is_empty() {
+        check_one_bundle(&plan, &bundle.sha256, mixing).await?;
+    }
     let device_spec: DeviceSpec = config.runtime.device.parse().map_err(PipelineError::DeviceSpec)?;
     let device = device::resolve(device_spec)?;
     if config.runtime.torch_threads > 0 {
@@ -208,6 +263,7 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
     };
     let stages = Stages {
         bundle: bundle.source.clone(),
+        bundle_sha256: bundle.sha256.clone(),
         device: device::describe(device),
         views,
         prepare: crate::image::prepare,
@@ -219,6 +275,45 @@ pub async fn run(config: PipelineConfig, worker: Worker, progress: ProgressMode)
     execute(config, worker, plan, stages, progress, started).await
 }
 
+/// Refuses (or, allowed, warns about) committed shards of the output that were made with
+/// a bundle other than `ours`: one table should not mix two models silently. Markers
+/// from before dtta recorded digests count as another bundle, since nobody can tell.
+/// Reads every committed marker of the output (all workers'), a few at a time.
+async fn check_one_bundle(plan: &Plan, ours: &str, mixing: MixedBundles) -> Result<(), PipelineError> {
+    if plan.committed.is_empty() {
+        return Ok(());
+    }
+    let digests = commit::bundle_digests(&plan.output, &plan.committed).await?;
+    let mut others: std::collections::BTreeMap<Option<&str>, usize> = std::collections::BTreeMap::new();
+    for digest in digests.values().map(Option::as_deref).filter(|d| *d != Some(ours)) {
+        *others.entry(digest).or_default() += 1;
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    let found = others
+        .iter()
+        .map(|(digest, n)| match digest {
+            None => format!("{n} with no recorded digest (committed before dtta recorded it)"),
+            Some(d) => format!("{n} with sha256 {d}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let error = PipelineError::MixedBundles {
+        output: plan.output.display.clone(),
+        ours: ours.to_string(),
+        others: others.values().sum(),
+        found,
+    };
+    match mixing {
+        MixedBundles::Refuse => Err(error),
+        MixedBundles::Allow => {
+            tracing::warn!("--allow-mixed-bundles: {error}");
+            Ok(())
+        }
+    }
+}
+
 /// Builds the method on the adapt thread (tch modules stay on the thread that owns the
 /// device).
 type MethodFactory = Box<dyn FnOnce() -> Result<Box<dyn Method>, PipelineError> + Send>;
@@ -228,6 +323,8 @@ type MethodFactory = Box<dyn FnOnce() -> Result<Box<dyn Method>, PipelineError> 
 struct Stages {
     /// The bundle's (redacted) location, for the report.
     bundle: String,
+    /// The bundle's digest, for the report, the rows and the commit markers.
+    bundle_sha256: String,
     device: String,
     views: Views,
     prepare: PrepareFn,
@@ -267,6 +364,7 @@ async fn execute(
         device: stages.device,
         method: method_name,
         bundle: stages.bundle,
+        bundle_sha256: stages.bundle_sha256.clone(),
         input: storage::redact_url(&config.input.url),
         output: plan.output.display.clone(),
         shards_listed: plan.total_listed,
@@ -383,6 +481,7 @@ async fn execute(
         output: plan.output.clone(),
         run_id: run_id.clone(),
         method: method_name,
+        bundle_sha256: stages.bundle_sha256,
         worker,
         sources: todo
             .iter()

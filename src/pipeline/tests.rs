@@ -179,6 +179,7 @@ async fn run_with(config: PipelineConfig, fault: Option<(&'static str, Fault)>, 
     };
     let stages = Stages {
         bundle: "fake".into(),
+        bundle_sha256: "0".repeat(64),
         device: "cpu".into(),
         views: Views {
             classifier: ClassifierView {

@@ -27,6 +27,8 @@ pub(super) struct WriteStage {
     pub output: Location,
     pub run_id: String,
     pub method: &'static str,
+    /// The model bundle's digest, on every row and commit marker.
+    pub bundle_sha256: String,
     pub worker: Worker,
     /// Shard id -> where it was read from, for the commit marker.
     pub sources: HashMap<String, String>,
@@ -44,8 +46,14 @@ impl WriteStage {
             while let Some(event) = rx.recv().await {
                 match event {
                     Event::Control(Control::Begin(shard)) => {
-                        let writer =
-                            ShardWriter::create(&self.output, &self.run_id, &shard, self.method, self.by_variant)?;
+                        let writer = ShardWriter::create(
+                            &self.output,
+                            &self.run_id,
+                            &shard,
+                            self.method,
+                            &self.bundle_sha256,
+                            self.by_variant,
+                        )?;
                         writers.insert(shard, writer);
                     }
                     Event::Item { shard, item } => {
@@ -105,6 +113,7 @@ impl WriteStage {
             steps: steps.clone(),
             source: self.sources.get(&shard).cloned().unwrap_or_default(),
             method: self.method.to_string(),
+            bundle_sha256: Some(self.bundle_sha256.clone()),
             worker_index: self.worker.index,
             worker_count: self.worker.count,
             committed_at: chrono::Utc::now().to_rfc3339(),

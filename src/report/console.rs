@@ -69,6 +69,8 @@ pub struct Inspection<'a> {
     pub spec: &'a BundleSpec,
     /// Where the bundle came from.
     pub source: &'a str,
+    /// The bundle's digest (what `model.sha256` pins).
+    pub sha256: &'a str,
     /// The device, described.
     pub device: String,
     pub input_shape: [i64; 4],
@@ -114,6 +116,7 @@ pub fn inspect(bundle: &Bundle, device: Device) -> Result<Inspection<'_>, String
     Ok(Inspection {
         spec,
         source: &bundle.source,
+        sha256: &bundle.sha256,
         device: device::describe(device),
         input_shape: classifier.input_shape(1),
         parameters,
@@ -127,6 +130,7 @@ pub fn write_inspection(w: &mut impl Write, i: &Inspection) -> io::Result<()> {
     let spec = i.spec;
     let c = &spec.classifier;
     writeln!(w, "bundle {} ({})", spec.name, i.source)?;
+    writeln!(w, "  sha256:      {}", i.sha256)?;
     writeln!(w, "  device:      {}", i.device)?;
     writeln!(
         w,
@@ -201,6 +205,7 @@ mod tests {
         Inspection {
             spec,
             source: "configs/bundles/demo-mnist",
+            sha256: "e25fa978203e0365277dae552430e1b5e85e1352f609484f1990335517b0cc04",
             device: "cpu".into(),
             input_shape: [1, 1, 28, 28],
             parameters: 24058,
@@ -234,6 +239,7 @@ mod tests {
         assert_eq!(
             text(&inspection),
             r#"bundle demo-mnist (configs/bundles/demo-mnist)
+  sha256:      e25fa978203e0365277dae552430e1b5e85e1352f609484f1990335517b0cc04
   device:      cpu
   classifier:  classifier.pt: input [1, 1, 28, 28] -> logits [1, 10] (checked with one forward)
   preprocess:  1 channel(s), resize shorter side 28, center crop 28, mean [0.5], std [0.5]

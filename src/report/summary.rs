@@ -77,11 +77,35 @@ pub struct Summary {
     /// Shards a run reported as failed that are still not committed: (shard, error).
     pub failed_shards: Vec<(String, String)>,
     pub runs: usize,
+    /// Committed shards per model bundle digest (`None`: markers from before dtta
+    /// recorded it); more than one entry means the output mixes models.
+    pub bundles: Vec<(Option<String>, usize)>,
+    /// Every run summary found, by output and start time.
+    pub run_list: Vec<RunLine>,
+}
+
+/// One run, as its summary (`_runs/<run_id>.json`) records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunLine {
+    /// The output it wrote to (one of several below a parent of outputs).
+    pub output: String,
+    pub run_id: String,
+    pub worker: usize,
+    pub method: String,
+    pub shards_committed: usize,
+    /// The model bundle's digest; `None` for runs from before dtta recorded it.
+    pub bundle_sha256: Option<String>,
 }
 
 /// The parts of a run summary the table needs.
 #[derive(serde::Deserialize)]
 struct RunFacts {
+    #[serde(default)]
+    run_id: String,
+    #[serde(default)]
+    bundle_sha256: Option<String>,
+    #[serde(default)]
+    shards_committed: Vec<String>,
     worker: crate::worker::Worker,
     method: String,
     elapsed_s: f64,
@@ -100,6 +124,7 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
     let mut markers = Vec::new();
     let mut runs = Vec::new();
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let mut run_list = Vec::new();
     for output in outputs_below(out).await? {
         let committed = read_markers(&output).await?;
         let output_runs = read_runs(&output).await?;
@@ -109,7 +134,20 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
             }
         }
         markers.extend(committed.into_values());
+        run_list.extend(output_runs.iter().map(|r| RunLine {
+            output: output.display.clone(),
+            run_id: r.run_id.clone(),
+            worker: r.worker.index,
+            method: r.method.clone(),
+            shards_committed: r.shards_committed.len(),
+            bundle_sha256: r.bundle_sha256.clone(),
+        }));
         runs.extend(output_runs);
+    }
+    run_list.sort_by(|a, b| (&a.output, &a.run_id).cmp(&(&b.output, &b.run_id)));
+    let mut bundles: BTreeMap<Option<String>, usize> = BTreeMap::new();
+    for m in &markers {
+        *bundles.entry(m.bundle_sha256.clone()).or_default() += 1;
     }
     let mut rows: BTreeMap<(String, Option<usize>), SummaryRow> = BTreeMap::new();
     let mut variants: BTreeMap<(u8, String, String), VariantRow> = BTreeMap::new();
@@ -165,6 +203,8 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
         variants: variants.into_values().collect(),
         failed_shards: failed.into_iter().collect(),
         runs: runs.len(),
+        bundles: bundles.into_iter().collect(),
+        run_list,
     })
 }
 

@@ -52,6 +52,35 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
     for (shard, error) in &summary.failed_shards {
         writeln!(w, "failed (not committed): {shard}: {error}")?;
     }
+    let unknown = "unknown (before dtta recorded it)";
+    for (digest, shards) in &summary.bundles {
+        let digest = digest.as_deref().unwrap_or(unknown);
+        writeln!(w, "bundle sha256 {digest}: {shards} committed shard(s)")?;
+    }
+    if summary.bundles.len() > 1 {
+        writeln!(
+            w,
+            "note: these committed shards come from {} model bundles",
+            summary.bundles.len()
+        )?;
+    }
+    for r in &summary.run_list {
+        writeln!(
+            w,
+            "run {} ({}worker {}, {}): {} shard(s) committed, bundle sha256 {}",
+            r.run_id,
+            // Below a parent of outputs, say which output the run wrote.
+            if r.output == summary.output {
+                String::new()
+            } else {
+                format!("{}, ", r.output)
+            },
+            r.worker,
+            r.method,
+            r.shards_committed,
+            r.bundle_sha256.as_deref().unwrap_or(unknown)
+        )?;
+    }
     if !summary.variants.is_empty() {
         writeln!(w)?;
         write_robustness(w, &summary.variants)?;
@@ -161,7 +190,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::report::summary::SummaryRow;
+    use crate::report::summary::{RunLine, SummaryRow};
+    use crate::sink::Tally;
 
     /// 10 rows, one not decoded; 8 of 9 labelled right before adaptation, 9 after;
     /// 32 denoiser evaluations per predicted row.
@@ -200,6 +230,15 @@ mod tests {
             variants: vec![],
             failed_shards: vec![("out/demo/shard-000002".into(), "timed out".into())],
             runs: 1,
+            bundles: vec![(Some("e25f".into()), 2)],
+            run_list: vec![RunLine {
+                output: "out/demo/".into(),
+                run_id: "20261130T000000Z-00ab".into(),
+                worker: 0,
+                method: "tent".into(),
+                shards_committed: 2,
+                bundle_sha256: Some("e25f".into()),
+            }],
         };
         assert_eq!(
             text(|w| write_summary(w, &summary)),
@@ -209,7 +248,44 @@ method                 worker  shards     rows  not ok  labelled  top-1 before  
 tent                      all       2       10       1         9        88.89%      100.00%       2.00         32.0      123.4
 tent                        0       2       10       1         9        88.89%      100.00%       2.00         32.0        n/a
 failed (not committed): out/demo/shard-000002: timed out
+bundle sha256 e25f: 2 committed shard(s)
+run 20261130T000000Z-00ab (worker 0, tent): 2 shard(s) committed, bundle sha256 e25f
 "
+        );
+    }
+
+    #[test]
+    fn summary_notes_committed_shards_of_several_bundles() {
+        let run = |output: &str, run_id: &str, digest: Option<&str>| RunLine {
+            output: output.into(),
+            run_id: run_id.into(),
+            worker: 1,
+            method: "source".into(),
+            shards_committed: 1,
+            bundle_sha256: digest.map(str::to_string),
+        };
+        let summary = Summary {
+            output: "out/".into(),
+            committed_shards: 2,
+            rows: vec![],
+            variants: vec![],
+            failed_shards: vec![],
+            runs: 2,
+            bundles: vec![(None, 1), (Some("aaaa".into()), 1)],
+            run_list: vec![run("out/a/", "r1", None), run("out/b/", "r2", Some("aaaa"))],
+        };
+        let out = text(|w| write_summary(w, &summary));
+        assert!(
+            out.ends_with(
+                "\
+bundle sha256 unknown (before dtta recorded it): 1 committed shard(s)
+bundle sha256 aaaa: 1 committed shard(s)
+note: these committed shards come from 2 model bundles
+run r1 (out/a/, worker 1, source): 1 shard(s) committed, bundle sha256 unknown (before dtta recorded it)
+run r2 (out/b/, worker 1, source): 1 shard(s) committed, bundle sha256 aaaa
+"
+            ),
+            "{out}"
         );
     }
 
@@ -261,6 +337,8 @@ denoiser evals per image             0.0          32.0
             }],
             failed_shards: vec![],
             runs: 0,
+            bundles: vec![],
+            run_list: vec![],
         };
         let out = text(|w| write_summary(w, &summary));
         let tail = "\n\ntop-1 (%)              sev   source\nclean                    -      n/a\n";

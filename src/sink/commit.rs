@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,10 @@ pub struct CommitMarker {
     /// Where the shard was read from (credentials redacted).
     pub source: String,
     pub method: String,
+    /// The model bundle's digest (`model::bundle::sha256_of_files`); `None` in markers
+    /// written before dtta recorded it.
+    #[serde(default)]
+    pub bundle_sha256: Option<String>,
     pub worker_index: usize,
     pub worker_count: usize,
     pub committed_at: String,
@@ -119,6 +123,19 @@ pub async fn committed_ids(out: &Location) -> Result<Vec<String>, SinkError> {
         .collect();
     ids.sort();
     Ok(ids)
+}
+
+/// The bundle digest each of `shards` (committed shards) was made with, by shard id;
+/// `None` for markers written before dtta recorded it. Reads the markers a few at a time.
+pub async fn bundle_digests(
+    out: &Location,
+    shards: impl IntoIterator<Item = &String>,
+) -> Result<BTreeMap<String, Option<String>>, SinkError> {
+    futures::stream::iter(shards)
+        .map(|shard| async move { Ok::<_, SinkError>((shard.clone(), read_marker(out, shard).await?.bundle_sha256)) })
+        .buffer_unordered(16)
+        .try_collect()
+        .await
 }
 
 /// Every commit marker below `out`, by shard id.

@@ -129,6 +129,25 @@ impl Tally {
     }
 }
 
+/// A column holding `value` on each of `n` rows, dictionary-encoded: one value stored
+/// once per batch (and per Parquet page), however many rows.
+pub(crate) fn repeated_dictionary(value: &str, n: usize) -> arrow_array::ArrayRef {
+    let keys = arrow_array::Int32Array::from(vec![0; n]);
+    let values = std::sync::Arc::new(arrow_array::StringArray::from(vec![value]));
+    std::sync::Arc::new(
+        arrow_array::DictionaryArray::<arrow_array::types::Int32Type>::try_new(keys, values)
+            .expect("key 0 indexes the one value"),
+    )
+}
+
+/// The type of a [`repeated_dictionary`] column.
+pub(crate) fn dictionary_type() -> arrow_schema::DataType {
+    arrow_schema::DataType::Dictionary(
+        Box::new(arrow_schema::DataType::Int32),
+        Box::new(arrow_schema::DataType::Utf8),
+    )
+}
+
 /// The two tables every shard gets.
 pub const TABLES: [&str; 2] = ["predictions", "steps"];
 
@@ -189,6 +208,8 @@ pub struct ShardWriter {
     shard: String,
     run_id: String,
     method: &'static str,
+    /// The model bundle's digest, written on every row.
+    bundle_sha256: String,
     predictions: TableWriter,
     steps: TableWriter,
     pending: Vec<Outcome>,
@@ -208,6 +229,7 @@ impl ShardWriter {
         run_id: &str,
         shard: &str,
         method: &'static str,
+        bundle_sha256: &str,
         by_variant: bool,
     ) -> Result<Self, SinkError> {
         let rel = |table| Self::relative_path(table, shard, run_id);
@@ -215,6 +237,7 @@ impl ShardWriter {
             shard: shard.to_string(),
             run_id: run_id.to_string(),
             method,
+            bundle_sha256: bundle_sha256.to_string(),
             predictions: TableWriter::create(out, &rel("predictions"), predictions::schema())?,
             steps: TableWriter::create(out, &rel("steps"), steps::schema())?,
             pending: Vec::new(),
@@ -246,11 +269,17 @@ impl ShardWriter {
                 &self.run_id,
                 &self.shard,
                 self.method,
+                &self.bundle_sha256,
                 &rows,
             ))
             .await?;
         self.steps
-            .write(&steps::record_batch(&self.run_id, &self.shard, &rows))
+            .write(&steps::record_batch(
+                &self.run_id,
+                &self.shard,
+                &self.bundle_sha256,
+                &rows,
+            ))
             .await
     }
 

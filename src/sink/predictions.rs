@@ -40,13 +40,15 @@ pub fn schema() -> SchemaRef {
                 // (t, eps) pair, per class scored), and why adaptation ended early.
                 Field::new("denoiser_evals", DataType::Int64, false),
                 Field::new("stop_reason", DataType::Utf8, false),
+                // The model bundle's digest (README, "Provenance").
+                Field::new("bundle_sha256", super::dictionary_type(), false),
             ]))
         })
         .clone()
 }
 
-/// Builds one record batch of rows that share run, shard and method.
-pub fn record_batch(run_id: &str, shard: &str, method: &str, rows: &[Outcome]) -> RecordBatch {
+/// Builds one record batch of rows that share run, shard, method and bundle.
+pub fn record_batch(run_id: &str, shard: &str, method: &str, bundle_sha256: &str, rows: &[Outcome]) -> RecordBatch {
     let n = rows.len();
     let repeat = |s: &str| Arc::new(StringArray::from(vec![s; n])) as ArrayRef;
     let mut topk = ListBuilder::new(Int64Builder::new());
@@ -87,6 +89,7 @@ pub fn record_batch(run_id: &str, shard: &str, method: &str, rows: &[Outcome]) -
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.stop_reason.as_str()),
         )),
+        super::repeated_dictionary(bundle_sha256, n),
     ];
     RecordBatch::try_new(schema(), columns).expect("columns match the schema")
 }

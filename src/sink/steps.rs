@@ -26,13 +26,14 @@ pub fn schema() -> SchemaRef {
                 Field::new("elapsed_ms", DataType::Float64, false),
                 Field::new("corruption", DataType::Utf8, false),
                 Field::new("severity", DataType::Int32, false),
+                Field::new("bundle_sha256", super::dictionary_type(), false),
             ]))
         })
         .clone()
 }
 
 /// The step rows of `outcomes` (possibly none).
-pub fn record_batch(run_id: &str, shard: &str, outcomes: &[Outcome]) -> RecordBatch {
+pub fn record_batch(run_id: &str, shard: &str, bundle_sha256: &str, outcomes: &[Outcome]) -> RecordBatch {
     let rows: Vec<(&Outcome, &crate::tta::StepRecord)> = outcomes
         .iter()
         .flat_map(|o| o.step_log.iter().map(move |s| (o, s)))
@@ -56,6 +57,7 @@ pub fn record_batch(run_id: &str, shard: &str, outcomes: &[Outcome]) -> RecordBa
         Arc::new(Int32Array::from_iter_values(
             rows.iter().map(|(o, _)| o.variant.severity as i32),
         )),
+        super::repeated_dictionary(bundle_sha256, n),
     ];
     RecordBatch::try_new(schema(), columns).expect("columns match the schema")
 }

@@ -120,6 +120,22 @@ pub fn write_pipeline(dir: &Path, input_url: &str, output_url: &str, extra: &str
     path
 }
 
+/// A bundle folder's digest as the README defines it, computed by the shell pipeline
+/// (coreutils), not by dtta.
+pub fn shell_bundle_sha256(dir: &Path) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f | sed 's|^\\./||' | LC_ALL=C sort | xargs sha256sum | sha256sum")
+        .current_dir(dir)
+        .output()
+        .expect("sh runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let digest = out.split_whitespace().next().unwrap_or_default().to_string();
+    assert_eq!(digest.len(), 64, "sha256sum printed {out:?}");
+    digest
+}
+
 /// One predictions row, the columns tests look at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
