@@ -15,7 +15,7 @@ TOOLS := .tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
 AZURITE := $(TOOLS)/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: help setup build demo test eval bench check-python fmt clean
+.PHONY: help setup browser build demo test eval bench check-python fmt clean
 
 help:
 	@echo "make demo   set up, build, run the demo pipeline, summarize its output"
@@ -36,7 +36,19 @@ $(S3S_FS):
 $(AZURITE):
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/azurite azurite@3.35.0
 
-setup: $(STAMP) $(S3S_FS) $(AZURITE)
+# Headless Chromium for tests/report_browser.rs: Debian's package, where apt-get exists
+# and no browser is installed yet (root, or sudo). Elsewhere the test skips and says so.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium (for the browser test of dtta report)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -qq >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	    || { echo "could not install chromium with apt-get" >&2; exit 1; }; \
+	fi
+
+setup: $(STAMP) $(S3S_FS) $(AZURITE) browser
 
 build: setup
 	$(CARGO) build --release
@@ -49,11 +61,13 @@ demo: build
 	@echo
 	@echo "Predictions: out/demo/predictions/*.parquet (committed shards: out/demo/_commits/)"
 
+# Where apt-get exists, setup installed Chromium, so the browser test must not skip.
 test: setup
+	if command -v apt-get >/dev/null; then export DTTA_REQUIRE_BROWSER=1; fi; \
 	$(CARGO) test --release -- --test-threads=2
 
 # Every method over the same samples (pipelines/robustness-eval.toml), one output per
-# method, then one table over all of them.
+# method, then one table over all of them and the HTML report (out/robustness/report.html).
 EVAL_OUT := out/robustness
 eval: build
 	rm -rf $(EVAL_OUT)
@@ -65,6 +79,7 @@ eval: build
 	  --set tta.mode=online --set output.url=$(EVAL_OUT)/diffusion-tta-online/
 	@echo
 	$(BIN) summarize $(EVAL_OUT)/
+	$(BIN) report $(EVAL_OUT)/ -o $(EVAL_OUT)/report.html
 
 bench: build
 	bench/run.sh
