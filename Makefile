@@ -15,7 +15,7 @@ TOOLS := .tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
 AZURITE := $(TOOLS)/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: help setup build demo test eval bench check-python fmt clean
+.PHONY: help setup browser build demo test eval bench check-python fmt clean
 
 help:
 	@echo "make demo   set up, build, run the demo pipeline, summarize its output"
@@ -36,7 +36,21 @@ $(S3S_FS):
 $(AZURITE):
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/azurite azurite@3.35.0
 
-setup: $(STAMP) $(S3S_FS) $(AZURITE)
+# Headless Chromium for tests/report_browser.rs: Debian's package, where apt-get exists
+# and no browser is installed yet (root, or sudo). Elsewhere the test skips and says so.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium (for the browser test of dtta report)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -qq >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	    || { echo "could not install chromium with apt-get" >&2; exit 1; }; \
+	fi
+
+# The four installs are independent (network, compiler, npm, apt): run them side by side.
+setup:
+	@$(MAKE) --no-print-directory -j4 $(STAMP) $(S3S_FS) $(AZURITE) browser
 
 build: setup
 	$(CARGO) build --release
@@ -49,12 +63,18 @@ demo: build
 	@echo
 	@echo "Predictions: out/demo/predictions/*.parquet (committed shards: out/demo/_commits/)"
 
+# Where apt-get exists, setup installed Chromium, so the browser test must not skip.
 test: setup
+	if command -v apt-get >/dev/null; then export DTTA_REQUIRE_BROWSER=1; fi; \
 	$(CARGO) test --release -- --test-threads=2
 
 # Every method over the same samples (pipelines/robustness-eval.toml), one output per
-# method, then one table over all of them.
+# method, then one table over all of them and the HTML report (out/robustness/report.html).
 EVAL_OUT := out/robustness
+# The settings chosen on validation digits (README, "Cost and accuracy").
+EVAL_ADAPTIVE := --set tta.budget.skip_conf=0.9
+EVAL_DUSA_ONLINE := --set tta.method=dusa --set tta.mode=online --set runtime.batch_size=8 --set tta.dusa.lr=1e-4
+EVAL_DUSA_EPISODIC := --set tta.method=dusa --set tta.dusa.steps=3 --set tta.dusa.lr=1e-4
 eval: build
 	rm -rf $(EVAL_OUT)
 	for method in source tent diffusion-classifier diffusion-tta; do \
@@ -63,8 +83,15 @@ eval: build
 	done
 	$(BIN) run pipelines/robustness-eval.toml --no-progress \
 	  --set tta.mode=online --set output.url=$(EVAL_OUT)/diffusion-tta-online/
+	$(BIN) run pipelines/robustness-eval.toml --no-progress $(EVAL_ADAPTIVE) \
+	  --set output.url=$(EVAL_OUT)/diffusion-tta-adaptive/
+	$(BIN) run pipelines/robustness-eval.toml --no-progress $(EVAL_DUSA_ONLINE) \
+	  --set output.url=$(EVAL_OUT)/dusa-online/
+	$(BIN) run pipelines/robustness-eval.toml --no-progress $(EVAL_DUSA_EPISODIC) $(EVAL_ADAPTIVE) \
+	  --set output.url=$(EVAL_OUT)/dusa-adaptive/
 	@echo
 	$(BIN) summarize $(EVAL_OUT)/
+	$(BIN) report $(EVAL_OUT)/ -o $(EVAL_OUT)/report.html
 
 bench: build
 	bench/run.sh

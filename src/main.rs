@@ -1,4 +1,4 @@
-//! The `dtta` command line: run, plan, inspect, summarize.
+//! The `dtta` command line: run, plan, inspect, summarize, report.
 
 use std::fmt::Display;
 use std::io::{self, IsTerminal, StdoutLock, Write};
@@ -10,7 +10,7 @@ use dtta::config::PipelineConfig;
 use dtta::model::device::{self, DeviceSpec};
 use dtta::model::Bundle;
 use dtta::pipeline::{self, MixedBundles, ProgressMode};
-use dtta::report::{console, summary, tables};
+use dtta::report::{console, html, summary, tables};
 use dtta::storage::{self, StoreOptions};
 use dtta::worker::Worker;
 
@@ -53,6 +53,15 @@ enum Command {
     },
     /// Aggregate the committed shards under an output URL.
     Summarize { output_url: String },
+    /// One self-contained HTML page (charts inline) over the committed shards below the
+    /// output URLs; also writes <first URL>/_runs/report.json.
+    Report {
+        #[arg(required = true)]
+        output_urls: Vec<String>,
+        /// Write the page to this local file instead of <first URL>/_runs/report.html.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -101,6 +110,7 @@ fn main() -> ExitCode {
             Command::Plan { pipeline } => cmd_plan(pipeline).await,
             Command::Inspect { bundle, device } => cmd_inspect(&bundle, &device).await,
             Command::Summarize { output_url } => cmd_summarize(&output_url).await,
+            Command::Report { output_urls, output } => cmd_report(&output_urls, output).await,
         }
     });
     done.err().unwrap_or(ExitCode::SUCCESS)
@@ -182,5 +192,26 @@ async fn cmd_summarize(output_url: &str) -> Result<(), ExitCode> {
     let summary = summary::summarize(&out).await.or_fail(1)?;
     print(|w| tables::write_summary(w, &summary))?;
     let written = summary::write(&out, &summary).await.or_fail(1)?;
+    print(|w| writeln!(w, "written: {}", written.join(", ")))
+}
+
+async fn cmd_report(output_urls: &[String], file: Option<PathBuf>) -> Result<(), ExitCode> {
+    let outs = output_urls
+        .iter()
+        .map(|url| storage::open(url, &StoreOptions::default()))
+        .collect::<Result<Vec<_>, _>>()
+        .or_fail(1)?;
+    let report = html::build(&outs).await.or_fail(1)?;
+    let page = html::render(&report);
+    let mut written = vec![html::write_json(&outs[0], &report).await.or_fail(1)?];
+    match file {
+        Some(path) => {
+            std::fs::write(&path, page)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                .or_fail(1)?;
+            written.push(path.display().to_string());
+        }
+        None => written.push(html::write_html(&outs[0], page).await.or_fail(1)?),
+    }
     print(|w| writeln!(w, "written: {}", written.join(", ")))
 }

@@ -2,7 +2,8 @@
 //!
 //! [`summary`] reads commit markers and run summaries (committed data only) and writes
 //! `_runs/summary.*` and `_runs/robustness.*`; [`tables`] formats `dtta summarize` and
-//! `dtta plan`; [`console`] formats what `dtta run` and `dtta inspect` report. Every
+//! `dtta plan`; [`console`] formats what `dtta run` and `dtta inspect` report; [`html`]
+//! makes the `dtta report` page. Every
 //! formatter writes to a `&mut impl Write` and returns its error, so a closed pipe
 //! (`dtta summarize out/ | head`) reaches the caller as `ErrorKind::BrokenPipe`.
 //!
@@ -11,6 +12,7 @@
 //! model bundle, whose formatting is all it does with them.
 
 pub mod console;
+pub mod html;
 pub mod summary;
 pub mod tables;
 

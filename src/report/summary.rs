@@ -127,7 +127,7 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
     let mut run_list = Vec::new();
     for output in outputs_below(out).await? {
         let committed = read_markers(&output).await?;
-        let output_runs = read_runs(&output).await?;
+        let output_runs: Vec<RunFacts> = read_runs(&output).await?;
         for f in output_runs.iter().flat_map(|r| &r.shards_failed) {
             if !committed.contains_key(&f.shard) {
                 failed.insert(output.display_child(&f.shard), f.error.clone());
@@ -210,7 +210,7 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
 
 /// `out` when it has commit markers (or nothing below it at all), else its direct child
 /// folders that have them.
-async fn outputs_below(out: &Location) -> Result<Vec<Location>, SinkError> {
+pub async fn outputs_below(out: &Location) -> Result<Vec<Location>, SinkError> {
     let listing = retrying("listing the output", || {
         out.store.list_with_delimiter(Some(&out.prefix))
     })
@@ -245,7 +245,9 @@ async fn outputs_below(out: &Location) -> Result<Vec<Location>, SinkError> {
     Ok(children)
 }
 
-async fn read_runs(out: &Location) -> Result<Vec<RunFacts>, SinkError> {
+/// The run summaries (`_runs/<run_id>.json`) of one output, as `T`; files that do not
+/// parse as `T` (the summary and report files beside them) are skipped with a warning.
+pub async fn read_runs<T: serde::de::DeserializeOwned>(out: &Location) -> Result<Vec<T>, SinkError> {
     let dir = out.child("_runs");
     let metas: Vec<_> = retrying("listing _runs/", || out.store.list(Some(&dir)).try_collect())
         .await
@@ -256,7 +258,7 @@ async fn read_runs(out: &Location) -> Result<Vec<RunFacts>, SinkError> {
     let mut runs = Vec::new();
     for meta in metas {
         let name = meta.location.filename().unwrap_or_default().to_string();
-        if !name.ends_with(".json") || name.starts_with("summary") {
+        if !name.ends_with(".json") || name.starts_with("summary") || name.starts_with("report") {
             continue;
         }
         let bytes = retrying("reading a run summary", || async {
@@ -267,7 +269,7 @@ async fn read_runs(out: &Location) -> Result<Vec<RunFacts>, SinkError> {
             path: meta.location.to_string(),
             source,
         })?;
-        match serde_json::from_slice::<RunFacts>(&bytes) {
+        match serde_json::from_slice::<T>(&bytes) {
             Ok(r) => runs.push(r),
             Err(e) => tracing::warn!("skipping {}: not a run summary ({e})", meta.location),
         }
@@ -363,7 +365,8 @@ pub async fn write(out: &Location, summary: &Summary) -> Result<Vec<String>, Sin
     Ok(written)
 }
 
-async fn put(out: &Location, rel: &str, body: Vec<u8>) -> Result<String, SinkError> {
+/// Writes `body` to `rel` below `out`; returns its display path.
+pub async fn put(out: &Location, rel: &str, body: Vec<u8>) -> Result<String, SinkError> {
     out.store
         .put(&out.child(rel), PutPayload::from(body))
         .await

@@ -1,0 +1,139 @@
+//! Run facts: which runs made the committed rows, with what bundle and config, how many
+//! images with which statuses, and when.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::rows::Committed;
+use super::svg::esc;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Facts {
+    pub committed_shards: usize,
+    /// Committed rows (one per image and variant).
+    pub rows: u64,
+    pub labelled: u64,
+    /// Committed rows per status.
+    pub statuses: BTreeMap<String, u64>,
+    pub runs: Vec<RunLine>,
+    pub first_started: Option<String>,
+    pub last_finished: Option<String>,
+    /// Wall time of all runs, summed.
+    pub run_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunLine {
+    pub run_id: String,
+    pub output: String,
+    pub method: String,
+    pub bundle: String,
+    /// The bundle's content digest, where the run summary records one.
+    pub bundle_sha256: Option<String>,
+    /// sha256 of the run's config as its run summary holds it (credentials stripped),
+    /// serialized compactly by serde_json.
+    pub config_sha256: String,
+    pub device: String,
+    pub dtta_version: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub elapsed_s: f64,
+    /// Rows the run wrote (committed or not: a run's own count).
+    pub rows: u64,
+    pub shards_committed: usize,
+}
+
+pub fn compute(c: &Committed) -> Facts {
+    let mut runs: Vec<RunLine> = c
+        .runs
+        .iter()
+        .map(|(output, r)| RunLine {
+            run_id: r.run_id.clone(),
+            output: output.clone(),
+            method: r.method.clone(),
+            bundle: r.bundle.clone(),
+            bundle_sha256: r.bundle_sha256.clone(),
+            config_sha256: hex(&Sha256::digest(
+                serde_json::to_vec(&r.config).expect("JSON values serialize"),
+            )),
+            device: r.device.clone(),
+            dtta_version: r.dtta_version.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+            elapsed_s: r.elapsed_s,
+            rows: r.tally.rows,
+            shards_committed: r.shards_committed.len(),
+        })
+        .collect();
+    runs.sort_by(|a, b| (&a.started_at, &a.run_id).cmp(&(&b.started_at, &b.run_id)));
+    Facts {
+        committed_shards: c.committed_shards,
+        rows: c.tally.rows,
+        labelled: c.tally.labelled,
+        statuses: c.tally.statuses.clone(),
+        first_started: runs.iter().map(|r| r.started_at.clone()).min(),
+        last_finished: runs.iter().map(|r| r.finished_at.clone()).max(),
+        run_seconds: runs.iter().map(|r| r.elapsed_s).sum(),
+        runs,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn render(f: &Facts) -> String {
+    let mut h = String::new();
+    let statuses: Vec<String> = f.statuses.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let bundles: std::collections::BTreeSet<&str> = f.runs.iter().map(|r| r.bundle.as_str()).collect();
+    let _ = write!(
+        h,
+        "<p>{} committed shard(s) hold {} row(s) ({} labelled) from {} run(s) of {} bundle(s). Statuses: {}. \
+         The runs took {:.1} s of wall time in all, from {} to {}.</p>",
+        f.committed_shards,
+        f.rows,
+        f.labelled,
+        f.runs.len(),
+        bundles.len(),
+        esc(&if statuses.is_empty() {
+            "none".into()
+        } else {
+            statuses.join(", ")
+        }),
+        f.run_seconds,
+        esc(f.first_started.as_deref().unwrap_or("n/a")),
+        esc(f.last_finished.as_deref().unwrap_or("n/a")),
+    );
+    h.push_str(
+        "<table><thead><tr><th>run</th><th>method</th><th>output</th><th>bundle</th><th>bundle sha256</th>\
+         <th>config sha256</th><th>device</th><th class=\"num\">rows</th><th class=\"num\">shards</th>\
+         <th>started</th><th class=\"num\">seconds</th></tr></thead><tbody>",
+    );
+    for r in &f.runs {
+        let short = |d: &str| esc(&d.chars().take(12).collect::<String>());
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td>\
+             <td><code title=\"{}\">{}</code></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td>{}</td><td class=\"num\">{:.1}</td></tr>",
+            esc(&r.run_id),
+            esc(&r.method),
+            esc(&r.output),
+            esc(&r.bundle),
+            esc(r.bundle_sha256.as_deref().unwrap_or("")),
+            r.bundle_sha256.as_deref().map_or("not recorded".into(), short),
+            esc(&r.config_sha256),
+            short(&r.config_sha256),
+            esc(&r.device),
+            r.rows,
+            r.shards_committed,
+            esc(&r.started_at),
+            r.elapsed_s
+        );
+    }
+    h.push_str("</tbody></table>");
+    h
+}
