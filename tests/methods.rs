@@ -192,8 +192,11 @@ fn unusable_method_settings_are_one_line_errors() {
     assert!(committed_files(&out).is_empty(), "nothing committed");
 }
 
-/// key -> (pred_before, pred_after, loss_first, status) of every committed predictions row.
-fn dusa_rows(out: &Path) -> BTreeMap<String, (Option<i64>, Option<i64>, Option<f32>, String)> {
+/// (pred_before, pred_after, loss_first, status) of one predictions row.
+type DusaRow = (Option<i64>, Option<i64>, Option<f32>, String);
+
+/// key -> the row, for every committed predictions row.
+fn dusa_rows(out: &Path) -> BTreeMap<String, DusaRow> {
     let mut map = BTreeMap::new();
     for b in committed_batches(out, "predictions") {
         let key = column::<StringArray>(&b, "key");

@@ -9,8 +9,13 @@
 //! for step in 0..steps {
 //!     if let Some(why) = gate.before_step(step_cost) { stop = why; break }   // budget
 //!     ... run the step, gate.charge(passes) for every denoiser forward ...
-//!     if step + 1 < steps { if let Some(why) = gate.after_step(pred) { stop = why; break } }
+//!     match gate.after_update(step, steps, || predict())? {   // stable_steps
+//!         AfterUpdate::Continue => {}
+//!         AfterUpdate::Stop(why) => { stop = why; break }
+//!         AfterUpdate::Diverged(why) => { diverged = why; break }
+//!     }
 //! }
+//! let after = gate.take_prediction().unwrap_or_else(|| predict());
 //! ```
 //!
 //! Denoiser evaluations are counted per image: one per (t, eps) pair (and per class
@@ -110,6 +115,7 @@ impl BudgetConfig {
             last_pred: before.class,
             unchanged: 0,
             skip: confident.then_some(StopReason::Confident),
+            prediction: None,
         }
     }
 }
@@ -151,6 +157,16 @@ impl StopReason {
     }
 }
 
+/// What the gate decides after an optimizer step ([`Gate::after_update`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterUpdate {
+    Continue,
+    /// Stop adapting this image, for this reason.
+    Stop(StopReason),
+    /// The updated classifier's prediction is not finite: keep the source answer.
+    Diverged(String),
+}
+
 /// The per-image state of [`BudgetConfig`]: denoiser evaluations spent and the
 /// prediction's run of unchanged steps. Decides; the method's loop acts.
 #[derive(Debug, Clone)]
@@ -163,6 +179,8 @@ pub struct Gate {
     /// Consecutive steps after which the top-1 was `last_pred` unchanged.
     unchanged: u32,
     skip: Option<StopReason>,
+    /// The prediction after the latest update, when `stable_steps` asked for it.
+    prediction: Option<Prediction>,
 }
 
 impl Gate {
@@ -194,6 +212,40 @@ impl Gate {
         }
         let stable = self.stable_steps.is_some_and(|n| self.unchanged >= n);
         stable.then_some(StopReason::Stable)
+    }
+
+    /// After optimizer step `step` (0-based) of `steps`. When `stable_steps` is set it
+    /// runs `predict` (the classifier as just updated: one forward, no denoiser pass) and
+    /// decides; otherwise it continues without predicting. A stop that would fire at the
+    /// last step saves nothing, so it does not fire there. The prediction is kept for
+    /// [`Gate::take_prediction`]: when the loop stops here, it is the after-prediction.
+    pub fn after_update<E>(
+        &mut self,
+        step: usize,
+        steps: usize,
+        predict: impl FnOnce() -> Result<Prediction, E>,
+    ) -> Result<AfterUpdate, E> {
+        if !self.wants_step_predictions() {
+            return Ok(AfterUpdate::Continue);
+        }
+        let now = predict()?;
+        if !now.conf.is_finite() {
+            return Ok(AfterUpdate::Diverged(format!(
+                "prediction became {} after step {step}; source prediction kept",
+                now.conf
+            )));
+        }
+        let fired = self.after_step(now.class);
+        self.prediction = Some(now);
+        Ok(match fired.filter(|_| step + 1 < steps) {
+            Some(reason) => AfterUpdate::Stop(reason),
+            None => AfterUpdate::Continue,
+        })
+    }
+
+    /// The prediction of the latest [`Gate::after_update`] that predicted, if any.
+    pub fn take_prediction(&mut self) -> Option<Prediction> {
+        self.prediction.take()
     }
 
     /// Whether the method must know the prediction after every step (`stable_steps` set).

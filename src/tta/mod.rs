@@ -15,10 +15,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::image::Prepared;
 use crate::sample::{Defect, Status, Variant};
-pub use budget::{BudgetConfig, Gate, StepCost, StopReason};
+pub use budget::{AfterUpdate, BudgetConfig, Gate, StepCost, StopReason};
 pub use config::{
-    Adapt, DiffusionClassifierConfig, DusaConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig, Timesteps,
-    TtaConfig,
+    Adapt, DiffusionClassifierConfig, DusaConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig,
+    Timesteps, TtaConfig,
 };
 pub use methods::Method;
 

@@ -247,8 +247,11 @@ pub fn heatmap(rows: &[String], cols: &[String], cells: &[Vec<Option<f64>>], lab
     let (cw, ch) = (58.0, 26.0);
     let row_w = 12.0 + 7.0 * rows.iter().map(|r| r.chars().count()).max().unwrap_or(4) as f64;
     let head_h = 8.0 + 6.5 * cols.iter().map(|c| c.chars().count()).max().unwrap_or(4).min(28) as f64;
+    // Headers are rotated -40 degrees from their column's centre: the last one reaches
+    // about cos(40) x its length past the grid, so the canvas leaves room for it.
+    let overhang = 5.0 * cols.last().map_or(0, |c| c.chars().count().min(28)) as f64;
     let (width, height) = (
-        row_w + cw * cols.len() as f64 + 8.0,
+        row_w + cw * cols.len() as f64 + 8.0 + overhang,
         head_h + ch * rows.len() as f64 + 8.0,
     );
     let values: Vec<f64> = cells.iter().flatten().flatten().copied().collect();

@@ -29,7 +29,8 @@ use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, NoiseSource, SeededNoise};
 use crate::tta::{
-    predictions, BudgetConfig, Loss, Mode, Outcome, Precision, Prediction, StepRecord, StopReason, TtaConfig,
+    predictions, AfterUpdate, BudgetConfig, Loss, Mode, Outcome, Precision, Prediction, StepRecord, StopReason,
+    TtaConfig,
 };
 
 /// The knobs of the loop, from `[tta]`.
@@ -108,30 +109,7 @@ impl DiffusionTta {
         cfg: &TtaConfig,
         seed: u64,
     ) -> Result<Self, tch::TchError> {
-        if cfg.precision == Precision::Bf16 {
-            crate::tta::autocast::check_supported(classifier.device)?;
-        }
-        cfg.budget
-            .validate(cfg.budget_step_cost())
-            .map_err(|(key, message)| tch::TchError::Kind(format!("{key}: {message}")))?;
-        let params = AdaptedParams::select(
-            classifier.named_parameters()?,
-            diffusion.named_parameters()?,
-            cfg.adapt,
-            &classifier.head,
-            &classifier.norm,
-        );
-        if params.tensors.is_empty() {
-            return Err(tch::TchError::Kind(format!(
-                "tta.adapt = {:?} selects no parameter (does the bundle list classifier.norm?)",
-                cfg.adapt
-            )));
-        }
-        tracing::info!(
-            "diffusion-tta adapts {} tensors, {} parameters",
-            params.tensors.len(),
-            params.numel()
-        );
+        let params = super::adapted_parameters(&classifier, &diffusion, cfg)?;
         let originals = params.snapshot();
         let noise = Box::new(SeededNoise {
             seed,
@@ -215,8 +193,6 @@ impl DiffusionTta {
         let mut step_host: Vec<(f32, f64)> = Vec::with_capacity(k.steps);
         let mut diverged = None;
         let mut stop_reason = StopReason::None;
-        // The prediction after the latest update, when the gate asked for it.
-        let mut predicted_after: Option<Prediction> = None;
         let step_evals = (k.accum * k.samples) as u64;
         for step in 0..k.steps {
             if let Some(reason) = gate.before_step(step_evals) {
@@ -301,28 +277,25 @@ impl DiffusionTta {
                 0,
             ));
             step_host.push((loss_value as f32, started.elapsed().as_secs_f64() * 1e3));
-            if gate.wants_step_predictions() {
+            let update = gate.after_update(step, k.steps, || {
                 let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
-                let now = predictions(&logits, k.topk)?.remove(0);
-                if !now.conf.is_finite() {
-                    diverged = Some(format!(
-                        "prediction became {} after step {step}; source prediction kept",
-                        now.conf
-                    ));
+                Ok::<_, tch::TchError>(predictions(&logits, k.topk)?.remove(0))
+            })?;
+            match update {
+                AfterUpdate::Continue => {}
+                AfterUpdate::Stop(reason) => {
+                    stop_reason = reason;
                     break;
                 }
-                let fired = gate.after_step(now.class);
-                predicted_after = Some(now);
-                // At the last step nothing is left to save: the steps ran in full.
-                if let Some(reason) = fired.filter(|_| step + 1 < k.steps) {
-                    stop_reason = reason;
+                AfterUpdate::Diverged(why) => {
+                    diverged = Some(why);
                     break;
                 }
             }
         }
         self.params.zero_grad();
 
-        let mut after = match (&diverged, predicted_after) {
+        let mut after = match (&diverged, gate.take_prediction()) {
             (Some(_), _) => before.clone(),
             // The weights have not changed since that prediction.
             (None, Some(p)) => p,

@@ -44,7 +44,8 @@ use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, image_seed};
 use crate::tta::{
-    predictions, BudgetConfig, Mode, OptimizerKind, Outcome, Precision, Prediction, StepRecord, StopReason, TtaConfig,
+    predictions, AfterUpdate, BudgetConfig, Mode, OptimizerKind, Outcome, Precision, Prediction, StepRecord,
+    StopReason, TtaConfig,
 };
 
 /// Where an image's eps and Gumbel uniforms come from.
@@ -182,9 +183,6 @@ impl Dusa {
         batch_size: usize,
     ) -> Result<Self, tch::TchError> {
         let d = &cfg.dusa;
-        if cfg.precision == Precision::Bf16 {
-            crate::tta::autocast::check_supported(classifier.device)?;
-        }
         let classes = classifier.num_classes;
         if d.topk == 0 || d.topk + d.random > classes {
             return Err(tch::TchError::Kind(format!(
@@ -198,27 +196,8 @@ impl Dusa {
                 d.timestep, diffusion.num_timesteps
             )));
         }
-        let params = AdaptedParams::select(
-            classifier.named_parameters()?,
-            diffusion.named_parameters()?,
-            cfg.adapt,
-            &classifier.head,
-            &classifier.norm,
-        );
-        if params.tensors.is_empty() {
-            return Err(tch::TchError::Kind(format!(
-                "tta.adapt = {:?} selects no parameter (does the bundle list classifier.norm?)",
-                cfg.adapt
-            )));
-        }
-        tracing::info!(
-            "dusa adapts {} tensors, {} parameters; {} + {} candidates at t = {}",
-            params.tensors.len(),
-            params.numel(),
-            d.topk,
-            d.random,
-            d.timestep
-        );
+        let params = super::adapted_parameters(&classifier, &diffusion, cfg)?;
+        tracing::info!("dusa: {} + {} candidates at t = {}", d.topk, d.random, d.timestep);
         Ok(Dusa {
             originals: params.snapshot(),
             classifier,
@@ -344,8 +323,6 @@ impl Dusa {
         let mut step_host: Vec<(f32, f64)> = Vec::with_capacity(self.steps);
         let mut diverged = None;
         let mut stop_reason = StopReason::None;
-        // The prediction after the latest update, when the gate asked for it.
-        let mut predicted_after: Option<Prediction> = None;
         let b = self.candidates_per_image() as u64;
         'steps: for step in 0..self.steps {
             if let Some(reason) = gate.before_step(self.accum as u64 * b) {
@@ -377,26 +354,20 @@ impl Dusa {
             self.params.zero_grad();
             step_metrics.push(step_metrics_row(&seen.expect("accum >= 1"), &grad_norm));
             step_host.push((step_loss as f32, started.elapsed().as_secs_f64() * 1e3));
-            if gate.wants_step_predictions() {
-                let now = self.predict(&x)?;
-                if !now.conf.is_finite() {
-                    diverged = Some(format!(
-                        "prediction became {} after step {step}; source prediction kept",
-                        now.conf
-                    ));
+            match gate.after_update(step, self.steps, || self.predict(&x))? {
+                AfterUpdate::Continue => {}
+                AfterUpdate::Stop(reason) => {
+                    stop_reason = reason;
                     break;
                 }
-                let fired = gate.after_step(now.class);
-                predicted_after = Some(now);
-                // At the last step nothing is left to save: the steps ran in full.
-                if let Some(reason) = fired.filter(|_| step + 1 < self.steps) {
-                    stop_reason = reason;
+                AfterUpdate::Diverged(why) => {
+                    diverged = Some(why);
                     break;
                 }
             }
         }
         self.params.zero_grad();
-        let after = match (&diverged, predicted_after) {
+        let after = match (&diverged, gate.take_prediction()) {
             (Some(_), _) => before.clone(),
             // The weights have not changed since that prediction.
             (None, Some(p)) => p,

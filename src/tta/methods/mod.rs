@@ -15,9 +15,10 @@ pub use tent::Tent;
 
 use tch::Device;
 
-use super::{MethodName, Outcome, Prediction, TtaConfig};
+use super::params::AdaptedParams;
+use super::{MethodName, Outcome, Precision, Prediction, TtaConfig};
 use crate::image::Prepared;
-use crate::model::{Bundle, BundleError};
+use crate::model::{Bundle, BundleError, Classifier, Diffusion};
 
 /// Runs `adapt` on every sample that has both views, in order; the others get their
 /// status row. For the per-image methods.
@@ -100,6 +101,43 @@ pub fn build(
             Box::new(Dusa::new(classifier, diffusion, tta, seed, batch_size).map_err(unsupported)?)
         }
     })
+}
+
+/// What the diffusion-guided methods (Diffusion-TTA, DUSA) check and select before their
+/// first image: bf16 support on the device, `[tta.budget]` against the method, and the
+/// parameters `tta.adapt` selects (an empty selection is an error). Sets `requires_grad`
+/// on both modules as a side effect ([`AdaptedParams::select`]).
+fn adapted_parameters(
+    classifier: &Classifier,
+    diffusion: &Diffusion,
+    cfg: &TtaConfig,
+) -> Result<AdaptedParams, tch::TchError> {
+    if cfg.precision == Precision::Bf16 {
+        crate::tta::autocast::check_supported(classifier.device)?;
+    }
+    cfg.budget
+        .validate(cfg.budget_step_cost())
+        .map_err(|(key, message)| tch::TchError::Kind(format!("{key}: {message}")))?;
+    let params = AdaptedParams::select(
+        classifier.named_parameters()?,
+        diffusion.named_parameters()?,
+        cfg.adapt,
+        &classifier.head,
+        &classifier.norm,
+    );
+    if params.tensors.is_empty() {
+        return Err(tch::TchError::Kind(format!(
+            "tta.adapt = {:?} selects no parameter (does the bundle list classifier.norm?)",
+            cfg.adapt
+        )));
+    }
+    tracing::info!(
+        "{} adapts {} tensors, {} parameters",
+        cfg.method_column(),
+        params.tensors.len(),
+        params.numel()
+    );
+    Ok(params)
 }
 
 /// Splits a batch into the images to run and their positions.
