@@ -156,12 +156,12 @@ fn check_dusa_parity(bundle_dir: &Path, cfg: TtaConfig, batch: usize, batches: u
     let image = |t: &Tensor, i: i64| floats(&t.get(i));
     let (losses, candidates): (Vec<f32>, Vec<Vec<i64>>) = if cfg.mode == Mode::Episodic {
         let r = engine.adapt_image("k", &image(x_cls, 0), &image(x_gen, 0)).unwrap();
-        assert!(r.diverged.is_none());
+        assert!(r.image.diverged.is_none());
         assert_eq!(
-            r.denoiser_evals as usize,
-            r.iteration_losses.len() * (cfg.dusa.topk + cfg.dusa.random)
+            r.image.denoiser_evals as usize,
+            r.image.iteration_losses.len() * (cfg.dusa.topk + cfg.dusa.random)
         );
-        (r.iteration_losses, r.candidates)
+        (r.image.iteration_losses, r.candidates)
     } else {
         let mut losses = Vec::new();
         let mut candidates = Vec::new();
@@ -574,9 +574,9 @@ fn dusa_episodic_reset_is_bit_exact_and_online_carries_on() {
     for i in 0..2 {
         let (x, g) = image(i);
         let r = e.adapt_image(&format!("img-{i}"), &x, &g).unwrap();
-        assert_eq!(r.steps.len(), 2);
-        assert_eq!(r.iteration_losses.len(), 4);
-        assert_eq!(r.denoiser_evals, 4 * 3, "b = 2 + 1 candidates per iteration");
+        assert_eq!(r.image.steps.len(), 2);
+        assert_eq!(r.image.iteration_losses.len(), 4);
+        assert_eq!(r.image.denoiser_evals, 4 * 3, "b = 2 + 1 candidates per iteration");
         let moved = e
             .adapted_parameters()
             .tensors
@@ -588,12 +588,12 @@ fn dusa_episodic_reset_is_bit_exact_and_online_carries_on() {
         for ((name, o), (_, now)) in originals.iter().zip(&dusa_snapshot(&e, &bundle)) {
             assert!(now.equal(o), "{name} not restored after image {i}");
         }
-        first_losses.push(r.iteration_losses[0]);
+        first_losses.push(r.image.iteration_losses[0]);
     }
     // The same image again after the reset: the same draws and the same losses, bit for bit.
     let (x, g) = image(0);
     let again = e.adapt_image("img-0", &x, &g).unwrap();
-    assert_eq!(again.iteration_losses[0], first_losses[0]);
+    assert_eq!(again.image.iteration_losses[0], first_losses[0]);
 
     let mut online = make(Mode::Online);
     let (x0, g0) = image(0);

@@ -86,6 +86,28 @@ pub struct Adapted {
     pub elapsed_ms: f64,
 }
 
+impl Adapted {
+    /// The predictions row of sample `p` (status `diverged` with its reason when it
+    /// diverged), with its steps rows.
+    pub fn into_outcome(self, p: &Prepared) -> Outcome {
+        let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
+        o.set_before(&self.before);
+        o.set_after(self.after);
+        o.loss_first = self.steps.first().map(|s| s.loss);
+        o.loss_last = self.steps.last().map(|s| s.loss);
+        o.steps = self.steps.len() as u32;
+        o.adapt_ms = self.elapsed_ms;
+        o.denoiser_evals = self.denoiser_evals;
+        o.stop_reason = self.stop_reason;
+        o.step_log = self.steps;
+        if let Some(reason) = self.diverged {
+            o.status = Status::Diverged;
+            o.error = Some(reason);
+        }
+        o
+    }
+}
+
 pub struct DiffusionTta {
     classifier: Classifier,
     diffusion: Diffusion,
@@ -440,22 +462,7 @@ impl Method for DiffusionTta {
                 self.streams
                     .switch(p.variant, &self.params, &mut self.optimizer, &self.originals);
             }
-            let adapted = self.adapt(&p.key, pixels, gen)?;
-            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
-            o.set_before(&adapted.before);
-            o.set_after(adapted.after);
-            o.loss_first = adapted.steps.first().map(|s| s.loss);
-            o.loss_last = adapted.steps.last().map(|s| s.loss);
-            o.steps = adapted.steps.len() as u32;
-            o.adapt_ms = adapted.elapsed_ms;
-            o.denoiser_evals = adapted.denoiser_evals;
-            o.stop_reason = adapted.stop_reason;
-            o.step_log = adapted.steps;
-            if let Some(reason) = adapted.diverged {
-                o.status = Status::Diverged;
-                o.error = Some(reason);
-            }
-            Ok(o)
+            Ok(self.adapt(&p.key, pixels, gen)?.into_outcome(p))
         })
     }
 }

@@ -36,7 +36,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{per_image, Method};
+use super::{per_image, Adapted, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
 use crate::sample::Status;
@@ -109,19 +109,11 @@ struct Pass {
 /// One image adapted in episodic mode (weights not yet reset).
 #[derive(Debug)]
 pub struct DusaImage {
-    pub before: Prediction,
-    pub after: Prediction,
-    /// Loss of every iteration as backpropagated (divided by `accum`), in order.
-    pub iteration_losses: Vec<f32>,
+    /// What every episodic method reports for an image (`iteration_losses`: each
+    /// iteration's loss as backpropagated, divided by `accum`).
+    pub image: Adapted,
     /// Candidates of every iteration, in order.
     pub candidates: Vec<Vec<i64>>,
-    pub steps: Vec<StepRecord>,
-    pub diverged: Option<String>,
-    /// Denoiser forward passes spent on the image.
-    pub denoiser_evals: u64,
-    /// Why adaptation ended before `steps` (`[tta.budget]`, or divergence).
-    pub stop_reason: StopReason,
-    pub elapsed_ms: f64,
 }
 
 /// One online batch: per-image rows plus the batch loss.
@@ -304,15 +296,17 @@ impl Dusa {
         let mut gate = self.budget.start(&before);
         if let Some(reason) = gate.skip() {
             return Ok(DusaImage {
-                after: before.clone(),
-                before,
-                iteration_losses: Vec::new(),
+                image: Adapted {
+                    after: before.clone(),
+                    before,
+                    iteration_losses: Vec::new(),
+                    steps: Vec::new(),
+                    diverged: None,
+                    denoiser_evals: 0,
+                    stop_reason: reason,
+                    elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                },
                 candidates: Vec::new(),
-                steps: Vec::new(),
-                diverged: None,
-                denoiser_evals: 0,
-                stop_reason: reason,
-                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
             });
         }
         self.draws.begin_image(key);
@@ -379,15 +373,17 @@ impl Dusa {
         }
         let steps = step_records(&step_metrics, &step_host, self.optimizer.lr() as f32)?;
         Ok(DusaImage {
-            before,
-            after,
-            iteration_losses,
+            image: Adapted {
+                before,
+                after,
+                iteration_losses,
+                steps,
+                diverged,
+                denoiser_evals: gate.evals(),
+                stop_reason,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            },
             candidates,
-            steps,
-            diverged,
-            denoiser_evals: gate.evals(),
-            stop_reason,
-            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
 
@@ -499,22 +495,7 @@ impl Dusa {
         per_image(batch, |p, pixels, gen| {
             let adapted = self.adapt_image(&p.key, pixels, gen);
             self.reset();
-            let adapted = adapted?;
-            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
-            o.set_before(&adapted.before);
-            o.set_after(adapted.after);
-            o.loss_first = adapted.steps.first().map(|s| s.loss);
-            o.loss_last = adapted.steps.last().map(|s| s.loss);
-            o.steps = adapted.steps.len() as u32;
-            o.adapt_ms = adapted.elapsed_ms;
-            o.step_log = adapted.steps;
-            o.denoiser_evals = adapted.denoiser_evals;
-            o.stop_reason = adapted.stop_reason;
-            if let Some(reason) = adapted.diverged {
-                o.status = Status::Diverged;
-                o.error = Some(reason);
-            }
-            Ok(o)
+            Ok(adapted?.image.into_outcome(p))
         })
     }
 
