@@ -348,26 +348,7 @@ impl DiffusionTta {
         } else {
             Vec::<f32>::try_from(Tensor::stack(&iteration_losses, 0).to_device(Device::Cpu))?
         };
-        let metrics = if step_metrics.is_empty() {
-            Vec::new()
-        } else {
-            Vec::<f32>::try_from(Tensor::stack(&step_metrics, 0).to_device(Device::Cpu).flatten(0, -1))?
-        };
-        let lr = self.optimizer.lr() as f32;
-        let steps = step_host
-            .iter()
-            .enumerate()
-            .map(|(i, (loss, elapsed_ms))| StepRecord {
-                step: i as u32,
-                loss: *loss,
-                pred: metrics[i * 4] as i64,
-                conf: metrics[i * 4 + 1],
-                entropy: metrics[i * 4 + 2],
-                lr,
-                grad_norm: metrics[i * 4 + 3],
-                elapsed_ms: *elapsed_ms,
-            })
-            .collect();
+        let steps = super::step_records(&step_metrics, &step_host, self.optimizer.lr() as f32)?;
         Ok(Adapted {
             before,
             after,

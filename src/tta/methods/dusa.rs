@@ -36,7 +36,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{per_image, Adapted, Method};
+use super::{per_image, step_records, Adapted, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
 use crate::sample::Status;
@@ -586,28 +586,6 @@ fn step_metrics_row(logits: &Tensor, grad_norm: &Tensor) -> Tensor {
         ],
         0,
     )
-}
-
-/// Steps rows from the per-step device metrics (one host copy) and host values.
-fn step_records(metrics: &[Tensor], host: &[(f32, f64)], lr: f32) -> Result<Vec<StepRecord>, tch::TchError> {
-    if metrics.is_empty() {
-        return Ok(Vec::new());
-    }
-    let m = Vec::<f32>::try_from(Tensor::stack(metrics, 0).to_device(Device::Cpu).flatten(0, -1))?;
-    Ok(host
-        .iter()
-        .enumerate()
-        .map(|(i, (loss, elapsed_ms))| StepRecord {
-            step: i as u32,
-            loss: *loss,
-            pred: m[i * 4] as i64,
-            conf: m[i * 4 + 1],
-            entropy: m[i * 4 + 2],
-            lr,
-            grad_norm: m[i * 4 + 3],
-            elapsed_ms: *elapsed_ms,
-        })
-        .collect())
 }
 
 impl Method for Dusa {

@@ -13,10 +13,10 @@ pub use dusa::{Dusa, DusaBatch, DusaDraws, DusaImage, ReplayDraws, SeededDraws};
 pub use source::Source;
 pub use tent::Tent;
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 use super::params::AdaptedParams;
-use super::{MethodName, Outcome, Precision, Prediction, TtaConfig};
+use super::{MethodName, Outcome, Precision, Prediction, StepRecord, TtaConfig};
 use crate::image::Prepared;
 use crate::model::{Bundle, BundleError, Classifier, Diffusion};
 
@@ -162,4 +162,26 @@ fn assemble(batch: &[Prepared], before: Vec<Prediction>, after: Vec<Prediction>,
             o
         })
         .collect()
+}
+
+/// Steps rows from the per-step `[pred, conf, entropy, grad_norm]` device metrics (one host copy) and host values.
+pub(super) fn step_records(metrics: &[Tensor], host: &[(f32, f64)], lr: f32) -> Result<Vec<StepRecord>, tch::TchError> {
+    if metrics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let m = Vec::<f32>::try_from(Tensor::stack(metrics, 0).to_device(Device::Cpu).flatten(0, -1))?;
+    Ok(host
+        .iter()
+        .enumerate()
+        .map(|(i, (loss, elapsed_ms))| StepRecord {
+            step: i as u32,
+            loss: *loss,
+            pred: m[i * 4] as i64,
+            conf: m[i * 4 + 1],
+            entropy: m[i * 4 + 2],
+            lr,
+            grad_norm: m[i * 4 + 3],
+            elapsed_ms: *elapsed_ms,
+        })
+        .collect())
 }
