@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::image::corrupt::CorruptConfig;
+use crate::model::ClassSubset;
 use crate::shards::InputConfig;
 use crate::tta::TtaConfig;
 pub use units::{ByteSize, HumanDuration};
@@ -72,6 +73,15 @@ pub struct ModelConfig {
     /// a bundle whose digest differs is refused before anything runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The classes every method may predict: `"imagenet-r"`, `"imagenet-a"`, a file of
+    /// class indices, or `[i, j, ...]`; the logits are restricted before the softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_subset: Option<ClassSubset>,
+    /// Maps predicted model classes onto dataset classes (`"objectnet"` or a file, one
+    /// line of model class indices per dataset class); predictions are written as
+    /// dataset classes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_map: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -265,6 +275,12 @@ impl PipelineConfig {
                     format!("{pin:?} is not a sha256 digest (64 hex digits, as `dtta inspect` prints)"),
                 ));
             }
+        }
+        if self.model.class_subset.is_some() && self.model.label_map.is_some() {
+            return Err((
+                "model.label_map",
+                "cannot be combined with model.class_subset: a label map already restricts the logits to the classes it maps".into(),
+            ));
         }
         positive("tta.topk", self.tta.topk)?;
         positive("tta.steps", self.tta.steps)?;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{CModule, Device, Kind, Tensor};
 
+use super::label_space::LabelSpace;
 use super::schedule::{alphas_cumprod, ScheduleKind};
 use crate::image::{Channels, ClassifierView, DiffusionView};
 use crate::storage::{self, StoreOptions};
@@ -266,6 +267,7 @@ impl Bundle {
             module,
             device,
             num_classes: spec.num_classes,
+            kept: None,
             view,
             head: spec.head.clone(),
             norm: spec.norm.clone(),
@@ -465,6 +467,12 @@ impl Diffusion {
     pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>, tch::TchError> {
         self.denoiser.named_parameters()
     }
+
+    /// Keeps the class embeddings of the label space's classes only, in the order of a
+    /// restricted classifier's logit columns ([`Classifier::restrict`]).
+    pub fn restrict(&mut self, space: &LabelSpace) {
+        self.embeddings = self.embeddings.index_select(0, &space.kept_index(self.device));
+    }
 }
 
 /// The bundle digest: the sha256 (hex) of what `sha256sum` prints for every file, one
@@ -639,7 +647,11 @@ fn validate(spec: &BundleSpec) -> Result<(), String> {
 pub struct Classifier {
     module: CModule,
     pub device: Device,
+    /// Classes of [`Classifier::logits`]: the module's, or the kept ones after
+    /// [`Classifier::restrict`].
     pub num_classes: usize,
+    /// The kept logit columns (`model.class_subset` / `model.label_map`), on the device.
+    kept: Option<Tensor>,
     pub view: ClassifierView,
     /// Final-layer parameter names, never adapted.
     pub head: Vec<String>,
@@ -658,9 +670,21 @@ impl Classifier {
         Tensor::zeros(self.input_shape(batch), (Kind::Float, self.device))
     }
 
-    /// Logits for a batch already on this classifier's device.
+    /// Logits for a batch already on this classifier's device: `[B, num_classes]`, the
+    /// kept columns only once restricted.
     pub fn logits(&self, batch: &Tensor) -> Result<Tensor, tch::TchError> {
-        self.module.forward_ts(&[batch])
+        let logits = self.module.forward_ts(&[batch])?;
+        match &self.kept {
+            Some(kept) => logits.f_index_select(1, kept),
+            None => Ok(logits),
+        }
+    }
+
+    /// Keeps only the label space's classes: from now on [`Classifier::logits`] has one
+    /// column per kept class, in ascending model-class order (before any softmax).
+    pub fn restrict(&mut self, space: &LabelSpace) {
+        self.kept = Some(space.kept_index(self.device));
+        self.num_classes = space.len();
     }
 
     /// Builds a device batch from preprocessed images (each `view.numel()` floats).

@@ -2,6 +2,8 @@
 
 pub mod bundle;
 pub mod device;
+pub mod label_space;
 pub mod schedule;
 
 pub use bundle::{Bundle, BundleError, Classifier, Diffusion};
+pub use label_space::{ClassSubset, LabelSpace, LabelSpaceError};

@@ -40,7 +40,7 @@ pub use progress::ProgressMode;
 use crate::config::PipelineConfig;
 use crate::image::{DecodeLimits, Expansion, Prepared, Views};
 use crate::model::device::{self, DeviceSpec};
-use crate::model::{Bundle, BundleError};
+use crate::model::{Bundle, BundleError, LabelSpace, LabelSpaceError};
 use crate::shards::{InputFormat, ReadLimits};
 use crate::sink::commit;
 use crate::sink::{SinkError, Tally};
@@ -60,6 +60,8 @@ pub enum PipelineError {
     Bundle(#[from] BundleError),
     #[error(transparent)]
     Method(#[from] BuildError),
+    #[error(transparent)]
+    LabelSpace(#[from] LabelSpaceError),
     #[error(transparent)]
     Device(#[from] device::DeviceError),
     #[error("runtime.device: {0}")]
@@ -92,10 +94,13 @@ pub enum PipelineError {
 
 impl PipelineError {
     /// The process exit code: 2 when the run was refused as configured (a bundle that
-    /// is not the pinned one, or one that would mix two models in an output), 1 otherwise.
+    /// is not the pinned one, one that would mix two models in an output, or a label
+    /// space that does not fit the classifier), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            PipelineError::Bundle(BundleError::PinMismatch { .. }) | PipelineError::MixedBundles { .. } => 2,
+            PipelineError::Bundle(BundleError::PinMismatch { .. })
+            | PipelineError::MixedBundles { .. }
+            | PipelineError::LabelSpace(_) => 2,
             _ => 1,
         }
     }
@@ -244,6 +249,14 @@ pub async fn run(
             bundle.sha256
         ),
     }
+    let space = LabelSpace::resolve(
+        config.model.class_subset.as_ref(),
+        config.model.label_map.as_deref(),
+        bundle.spec.classifier.num_classes,
+    )?;
+    if let Some(space) = &space {
+        tracing::info!("label space {}", space.description);
+    }
     if !plan.todo().is_empty() {
         check_one_bundle(&plan, &bundle.sha256, mixing).await?;
     }
@@ -269,7 +282,16 @@ pub async fn run(
         prepare: crate::image::prepare,
         method: {
             let (tta, seed, batch_size) = (config.tta.clone(), config.runtime.seed, config.runtime.batch_size);
-            Box::new(move || Ok(crate::tta::methods::build(&bundle, device, &tta, seed, batch_size)?))
+            Box::new(move || {
+                Ok(crate::tta::methods::build(
+                    &bundle,
+                    space.as_ref(),
+                    device,
+                    &tta,
+                    seed,
+                    batch_size,
+                )?)
+            })
         },
     };
     execute(config, worker, plan, stages, progress, started).await

@@ -18,7 +18,7 @@ use tch::{Device, Tensor};
 use super::params::AdaptedParams;
 use super::{MethodName, Outcome, Precision, Prediction, StepRecord, TtaConfig};
 use crate::image::Prepared;
-use crate::model::{Bundle, BundleError, Classifier, Diffusion};
+use crate::model::{Bundle, BundleError, Classifier, Diffusion, LabelSpace};
 
 /// Runs `adapt` on every sample that has both views, in order; the others get their
 /// status row. For the per-image methods.
@@ -66,8 +66,12 @@ pub enum BuildError {
 
 /// Loads the models the configured method needs and builds it. Call it on the thread
 /// that will run the method: tch modules stay on the thread that owns the device.
+///
+/// With a label space, the models are restricted before the method sees them (so every
+/// method works over the kept classes only) and the method is wrapped in [`Restricted`].
 pub fn build(
     bundle: &Bundle,
+    space: Option<&LabelSpace>,
     device: Device,
     tta: &TtaConfig,
     seed: u64,
@@ -77,12 +81,22 @@ pub fn build(
         method: tta.method_column(),
         source,
     };
-    let classifier = bundle.load_classifier(device)?;
-    Ok(match tta.method {
+    let mut classifier = bundle.load_classifier(device)?;
+    let load_diffusion = || -> Result<Diffusion, BundleError> {
+        let mut diffusion = bundle.load_diffusion(device)?;
+        if let Some(space) = space {
+            diffusion.restrict(space);
+        }
+        Ok(diffusion)
+    };
+    if let Some(space) = space {
+        classifier.restrict(space);
+    }
+    let method: Box<dyn Method> = match tta.method {
         MethodName::Source => Box::new(Source::new(classifier, batch_size, tta.topk)),
         MethodName::Tent => Box::new(Tent::new(classifier, &tta.tent, batch_size, tta.topk).map_err(unsupported)?),
         MethodName::DiffusionClassifier => {
-            let diffusion = bundle.load_diffusion(device)?;
+            let diffusion = load_diffusion()?;
             Box::new(DiffusionClassifier::new(
                 classifier,
                 diffusion,
@@ -93,14 +107,52 @@ pub fn build(
             ))
         }
         MethodName::DiffusionTta => {
-            let diffusion = bundle.load_diffusion(device)?;
+            let diffusion = load_diffusion()?;
             Box::new(DiffusionTta::new(classifier, diffusion, tta, seed).map_err(unsupported)?)
         }
         MethodName::Dusa => {
-            let diffusion = bundle.load_diffusion(device)?;
+            let diffusion = load_diffusion()?;
             Box::new(Dusa::new(classifier, diffusion, tta, seed, batch_size).map_err(unsupported)?)
         }
+    };
+    Ok(match space {
+        Some(space) => Box::new(Restricted {
+            inner: method,
+            space: space.clone(),
+        }),
+        None => method,
     })
+}
+
+/// A method run on a restricted classifier: reports every class index of its rows
+/// (predictions, top-k, per-step predictions) as [`LabelSpace::output_class`] of the
+/// logit column the method saw, so the output speaks the model's (or the dataset's)
+/// class indices, never the restricted columns.
+pub struct Restricted {
+    inner: Box<dyn Method>,
+    space: LabelSpace,
+}
+
+impl Method for Restricted {
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+
+    fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
+        let mut outcomes = self.inner.run(batch)?;
+        let class = |c: i64| self.space.output_class(c);
+        for o in &mut outcomes {
+            o.pred_before = o.pred_before.map(class);
+            o.pred_after = o.pred_after.map(class);
+            o.topk_after.iter_mut().for_each(|c| *c = class(*c));
+            o.step_log.iter_mut().for_each(|s| s.pred = class(s.pred));
+        }
+        Ok(outcomes)
+    }
+
+    fn recover(&mut self) {
+        self.inner.recover()
+    }
 }
 
 /// What the diffusion-guided methods (Diffusion-TTA, DUSA) check and select before their
