@@ -6,8 +6,8 @@
 //! condition mixture, TENT's entropy, DUSA's candidates and the Diffusion Classifier's
 //! candidates all range over the kept classes; the class embeddings are restricted the
 //! same way ([`Diffusion::restrict`]). Methods see column indices `0..kept`; the
-//! [`Restricted`](crate::tta::methods::Restricted) adapter maps every class index of
-//! their rows back through [`LabelSpace::output_class`] in one place.
+//! `Restricted` adapter of the methods module maps every class index of their rows back
+//! through [`LabelSpace::output_class`] in one place.
 //!
 //! Output classes: with a subset, the model's original class indices; with a label map,
 //! the dataset class of the predicted model class (so `pred_* == label` is the
