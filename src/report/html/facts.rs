@@ -92,7 +92,7 @@ pub fn render(f: &Facts) -> String {
     let _ = write!(
         h,
         "<p>{} committed shard(s) hold {} row(s) ({} labelled) from {} run(s) of {} bundle(s). Statuses: {}. \
-         The runs took {:.1} s of wall time in all, from {} to {}.</p>",
+         The runs took {:.1} s of wall time in all, from {} to {} UTC.</p>",
         f.committed_shards,
         f.rows,
         f.labelled,
@@ -104,13 +104,13 @@ pub fn render(f: &Facts) -> String {
             statuses.join(", ")
         }),
         f.run_seconds,
-        esc(f.first_started.as_deref().unwrap_or("n/a")),
-        esc(f.last_finished.as_deref().unwrap_or("n/a")),
+        esc(&f.first_started.as_deref().map_or("n/a".into(), to_second)),
+        esc(&f.last_finished.as_deref().map_or("n/a".into(), to_second)),
     );
     h.push_str(
-        "<table><thead><tr><th>run</th><th>method</th><th>output</th><th>bundle</th><th>bundle sha256</th>\
+        "<div class=\"wide\"><table><thead><tr><th>run</th><th>method</th><th>output</th><th>bundle</th><th>bundle sha256</th>\
          <th>config sha256</th><th>device</th><th class=\"num\">rows</th><th class=\"num\">shards</th>\
-         <th>started</th><th class=\"num\">seconds</th></tr></thead><tbody>",
+         <th>started (UTC)</th><th class=\"num\">seconds</th></tr></thead><tbody>",
     );
     for r in &f.runs {
         let short = |d: &str| esc(&d.chars().take(12).collect::<String>());
@@ -118,7 +118,7 @@ pub fn render(f: &Facts) -> String {
             h,
             "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td>\
              <td><code title=\"{}\">{}</code></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-             <td>{}</td><td class=\"num\">{:.1}</td></tr>",
+             <td title=\"{}\">{}</td><td class=\"num\">{:.1}</td></tr>",
             esc(&r.run_id),
             esc(&r.method),
             esc(&r.output),
@@ -131,9 +131,16 @@ pub fn render(f: &Facts) -> String {
             r.rows,
             r.shards_committed,
             esc(&r.started_at),
+            esc(&to_second(&r.started_at)),
             r.elapsed_s
         );
     }
-    h.push_str("</tbody></table>");
+    h.push_str("</tbody></table></div>");
     h
+}
+
+/// An RFC 3339 time to the second, for reading (`2026-11-30 03:03:28`); the full
+/// value stays in the cell's title and in report.json.
+fn to_second(rfc3339: &str) -> String {
+    rfc3339.get(..19).unwrap_or(rfc3339).replacen('T', " ", 1)
 }

@@ -73,6 +73,7 @@ table{border-collapse:collapse;margin:6px 0 10px;font-size:12.5px}\
 th,td{border-bottom:1px solid #e6e6e6;padding:3px 8px;text-align:left;vertical-align:top}\
 th{background:#f5f5f5;font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
 table.narrow{min-width:240px}\
+.wide{overflow-x:auto;max-width:100%}\
 code{font:12px ui-monospace,'DejaVu Sans Mono',monospace}\
 figure{margin:8px 12px 14px 0;display:inline-block;vertical-align:top;max-width:100%}\
 figure svg{display:block;max-width:100%;height:auto;font-family:inherit}\
