@@ -24,7 +24,8 @@ pub enum Status {
     TooLarge,
     /// The sample has no member with an image extension.
     NoImage,
-    /// A label member exists but does not hold a class index. Predicted anyway.
+    /// A label member exists but does not hold a class index, or a dense label cannot
+    /// be read or differs in size from its image. Predicted anyway.
     BadLabel,
     /// `input.require_label` is set and the sample has no label. Predicted anyway.
     MissingLabel,
@@ -101,6 +102,41 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(a panic without a message)")
 }
 
+/// What a model predicts (the bundle's `task`): one class per image, a class per pixel,
+/// or a depth per pixel. Serialized as `classification`, `segmentation`, `depth`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    #[default]
+    Classification,
+    Segmentation,
+    Depth,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Classification => "classification",
+            Task::Segmentation => "segmentation",
+            Task::Depth => "depth",
+        }
+    }
+
+    /// Segmentation and depth predict a map, not one class.
+    pub fn is_dense(self) -> bool {
+        self != Task::Classification
+    }
+}
+
+/// A sample's dense label members as read, still encoded: `seg.png` (8-bit, one class
+/// index per pixel, 255 = ignore) and `depth.png` (16-bit, depth in units of
+/// `label.depth_scale` metres, 0 = invalid). Decoded with the image (`image::dense`).
+#[derive(Debug, Clone, Default)]
+pub struct DenseMembers {
+    pub seg: Option<Bytes>,
+    pub depth: Option<Bytes>,
+}
+
 /// One sample as read from a shard, before decoding.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -108,6 +144,8 @@ pub struct Sample {
     /// The encoded image, when the sample has one within the size limit.
     pub image: Option<Bytes>,
     pub label: Option<i64>,
+    /// Encoded dense labels, when the sample has them.
+    pub dense: DenseMembers,
     /// The first problem found while reading this sample, if any.
     pub defect: Option<Defect>,
 }

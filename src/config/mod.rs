@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::image::corrupt::CorruptConfig;
+use crate::image::LabelConfig;
 use crate::model::ClassSubset;
 use crate::shards::InputConfig;
 use crate::tta::TtaConfig;
@@ -52,6 +53,9 @@ pub struct PipelineConfig {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How dense labels are encoded (`depth.png` units).
+    #[serde(default)]
+    pub label: LabelConfig,
     /// Robustness evaluation: expand every sample into corrupted variants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<CorruptConfig>,
@@ -280,6 +284,12 @@ impl PipelineConfig {
             return Err((
                 "model.label_map",
                 "cannot be combined with model.class_subset: a label map already restricts the logits to the classes it maps".into(),
+            ));
+        }
+        if !(self.label.depth_scale > 0.0 && self.label.depth_scale.is_finite()) {
+            return Err((
+                "label.depth_scale",
+                "must be a positive number of metres per unit".into(),
             ));
         }
         positive("tta.topk", self.tta.topk)?;

@@ -5,13 +5,16 @@
 
 pub mod corrupt;
 pub mod decode;
+pub mod dense;
 pub mod preprocess;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
-use crate::sample::{Defect, Sample, Status, Variant};
+use crate::sample::{Defect, Sample, Status, Task, Variant};
 
 pub use decode::{decode, Channels, DecodedImage};
+pub use dense::{DenseLabel, LabelConfig};
 pub use preprocess::{ClassifierView, DiffusionView};
 
 /// A sample ready for the model: its classifier view, or the reason it has none.
@@ -25,6 +28,9 @@ pub struct Prepared {
     pub pixels: Option<Vec<f32>>,
     /// CHW floats in [-1, 1] of the diffusion view, when the method needs one.
     pub gen_pixels: Option<Vec<f32>>,
+    /// The dense label in the classifier view's geometry (dense tasks, when the sample
+    /// has a readable one), shared by every variant: corruptions never touch it.
+    pub dense_label: Option<Arc<DenseLabel>>,
     /// Status other than `ok` and its reason, if any.
     pub defect: Option<Defect>,
 }
@@ -63,6 +69,9 @@ pub struct DecodeLimits {
 pub struct Views {
     pub classifier: ClassifierView,
     pub diffusion: Option<DiffusionView>,
+    /// The bundle's task: which dense label member (if any) to read with each image.
+    pub task: Task,
+    pub labels: LabelConfig,
 }
 
 impl Views {
@@ -89,6 +98,7 @@ pub fn prepare(
         key,
         image,
         label,
+        dense,
         mut defect,
     } = sample;
     let mut decoded = None;
@@ -96,7 +106,8 @@ pub fn prepare(
         // Corruptions are defined on the full-scale image; otherwise large JPEGs may be
         // decoded at a reduced DCT scale that still covers both views.
         let result = catch_unwind(AssertUnwindSafe(|| {
-            if expansion.corrupts() {
+            // Dense labels are checked against the full-scale size and cropped with it.
+            if expansion.corrupts() || views.task.is_dense() {
                 decode(&bytes, views.decode_channels(), limits.max_pixels)
             } else {
                 decode::decode_for_view(
@@ -114,10 +125,41 @@ pub fn prepare(
             Err(d) => defect = Some(d),
         }
     }
-    if defect.is_none() && require_label && label.is_none() {
+    let mut dense_label = None;
+    if let Some(img) = &decoded {
+        let read = catch_unwind(AssertUnwindSafe(|| {
+            dense::read_label(
+                &dense,
+                views.task,
+                &views.labels,
+                (img.width, img.height),
+                &views.classifier,
+            )
+        }))
+        .unwrap_or_else(|panic| {
+            let d = Defect::from_panic("the label decoder", panic.as_ref());
+            Err(Defect::new(Status::BadLabel, d.message))
+        });
+        match read {
+            Ok(l) => dense_label = l.map(Arc::new),
+            Err(d) => {
+                defect.get_or_insert(d);
+            }
+        }
+    }
+    let has_label = match views.task {
+        Task::Classification => label.is_some(),
+        _ => dense_label.is_some(),
+    };
+    if defect.is_none() && require_label && !has_label {
+        let member = match views.task {
+            Task::Classification => ".cls/.json/.txt",
+            Task::Segmentation => "seg.png",
+            Task::Depth => "depth.png",
+        };
         defect = Some(Defect::new(
             Status::MissingLabel,
-            "no .cls/.json/.txt label and input.require_label is set",
+            format!("no {member} label and input.require_label is set"),
         ));
     }
     expansion
@@ -152,6 +194,7 @@ pub fn prepare(
                 variant,
                 pixels,
                 gen_pixels,
+                dense_label: dense_label.clone(),
                 defect,
             }
         })

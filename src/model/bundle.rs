@@ -25,6 +25,7 @@ use tch::{CModule, Device, Kind, Tensor};
 use super::label_space::LabelSpace;
 use super::schedule::{alphas_cumprod, ScheduleKind};
 use crate::image::{Channels, ClassifierView, DiffusionView};
+use crate::sample::Task;
 use crate::storage::{self, StoreOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,10 @@ pub enum BundleError {
 #[serde(deny_unknown_fields)]
 pub struct BundleSpec {
     pub name: String,
+    /// What the classifier predicts: `classification` (logits `[B,K]`), `segmentation`
+    /// (logits `[B,K,h,w]`) or `depth` (`[B,1,h,w]`, metres).
+    #[serde(default)]
+    pub task: Task,
     /// One name per class, optional.
     #[serde(default)]
     pub class_names: Vec<String>,
@@ -75,7 +80,8 @@ impl BundleSpec {
     /// Every file the spec names, as written.
     pub fn files(&self) -> impl Iterator<Item = &str> {
         let diffusion = self.diffusion.iter().flat_map(|d| {
-            [Some(&d.denoiser), Some(&d.class_embeddings), d.encoder.as_ref()]
+            let embeddings = Some(&d.class_embeddings).filter(|e| !e.is_empty());
+            [Some(&d.denoiser), embeddings, d.encoder.as_ref()]
                 .into_iter()
                 .flatten()
         });
@@ -91,7 +97,14 @@ pub struct DiffusionSpec {
     /// TorchScript: `forward(x_t [N,C,h,w], t [N] int64, cond [N,...]) -> eps [N,C',h,w]`,
     /// C' = C, or 2C with learned variance (the first C channels are used).
     pub denoiser: String,
-    /// safetensors file with the class embeddings, `[K,D]` or `[K,T,D]`.
+    /// How the prediction conditions the denoiser: `mixture` (a `[N,D]` or `[N,T,D]`
+    /// vector) or `concat` (a `[N,D,h,w]` map the denoiser concatenates to its input:
+    /// per-pixel class-embedding mixtures for segmentation, the depth map for depth).
+    #[serde(default)]
+    pub condition: Condition,
+    /// safetensors file with the class embeddings, `[K,D]` or `[K,T,D]`; not used by a
+    /// depth bundle.
+    #[serde(default)]
     pub class_embeddings: String,
     /// Tensor name inside `class_embeddings`.
     #[serde(default = "default_embeddings_tensor")]
@@ -106,6 +119,21 @@ pub struct DiffusionSpec {
     /// Side of the diffusion view (the classifier crop, resized).
     pub resolution: u32,
     pub schedule: ScheduleSpec,
+    /// Depth bundles: the depth range (metres) the denoiser's condition map is normalised
+    /// from, to [-1, 1]: `2 (d - depth_min) / (depth_max - depth_min) - 1`.
+    #[serde(default)]
+    pub depth_min: Option<f64>,
+    #[serde(default)]
+    pub depth_max: Option<f64>,
+}
+
+/// `diffusion.condition`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    #[default]
+    Mixture,
+    Concat,
 }
 
 fn default_embeddings_tensor() -> String {
@@ -268,6 +296,7 @@ impl Bundle {
             device,
             num_classes: spec.num_classes,
             kept: None,
+            task: self.spec.task,
             view,
             head: spec.head.clone(),
             norm: spec.norm.clone(),
@@ -278,14 +307,22 @@ impl Bundle {
         };
         let probe = tch::no_grad(|| classifier.logits(&classifier.zeros(1)))
             .map_err(|e| shape_err(format!("{} failed on a zero batch: {e}", spec.file)))?;
-        if probe.size() != [1, spec.num_classes as i64] {
+        let (k, shape) = (spec.num_classes as i64, probe.size());
+        let (fits, expected) = match self.spec.task {
+            Task::Classification => (shape == [1, k], format!("[1, {k}]")),
+            Task::Segmentation | Task::Depth => (
+                shape.len() == 4 && shape[..2] == [1, k] && shape[2] > 0 && shape[3] > 0,
+                format!("[1, {k}, h, w]"),
+            ),
+        };
+        if !fits {
             return Err(shape_err(format!(
-                "{} returns shape {:?} for one image of {:?}, but bundle.toml says num_classes = {} (expected [1, {}])",
+                "{} returns shape {:?} for one image of {:?}, but bundle.toml says task = {} with num_classes = {} (expected {expected})",
                 spec.file,
-                probe.size(),
+                shape,
                 classifier.input_shape(1),
+                self.spec.task.as_str(),
                 spec.num_classes,
-                spec.num_classes
             )));
         }
         let names: Vec<String> = classifier.parameter_names().map_err(|e| shape_err(e.to_string()))?;
@@ -331,31 +368,31 @@ impl Bundle {
             }
             None => None,
         };
-        let tensors = read_safetensors(self.file(&spec.class_embeddings)?).map_err(|source| BundleError::Load {
-            bundle: bundle.clone(),
-            file: spec.class_embeddings.clone(),
-            source,
-        })?;
         let shape_err = |message: String| BundleError::Shape {
             bundle: bundle.clone(),
             message,
         };
-        let embeddings = tensors
-            .into_iter()
-            .find(|(n, _)| *n == spec.embeddings_tensor)
-            .map(|(_, t)| t.to_kind(Kind::Float).to_device(device))
-            .ok_or_else(|| {
-                shape_err(format!(
-                    "{} holds no tensor named `{}`",
-                    spec.class_embeddings, spec.embeddings_tensor
-                ))
-            })?;
+        let embeddings = if self.spec.task == Task::Depth {
+            // The depth map itself is the condition: no classes, no table.
+            Tensor::zeros([0, 1], (Kind::Float, device))
+        } else {
+            self.class_embeddings(spec, device)?
+        };
         let e_shape = embeddings.size();
         let num_classes = self.spec.classifier.num_classes as i64;
-        if !(e_shape.len() == 2 || e_shape.len() == 3) || e_shape[0] != num_classes {
+        let table_fits = match (self.spec.task, spec.condition) {
+            (Task::Depth, _) => true,
+            (_, Condition::Concat) => e_shape.len() == 2 && e_shape[0] == num_classes,
+            (_, Condition::Mixture) => (e_shape.len() == 2 || e_shape.len() == 3) && e_shape[0] == num_classes,
+        };
+        if !table_fits {
+            let expected = match spec.condition {
+                Condition::Concat => format!("[{num_classes}, D] for condition = \"concat\""),
+                Condition::Mixture => format!("[{num_classes}, D] or [{num_classes}, T, D]"),
+            };
             return Err(shape_err(format!(
-                "class embeddings {} have shape {:?}, but the classifier has num_classes = {} (expected [{}, D] or [{}, T, D])",
-                spec.class_embeddings, e_shape, num_classes, num_classes, num_classes
+                "class embeddings {} have shape {:?}, but the classifier has num_classes = {} (expected {expected})",
+                spec.class_embeddings, e_shape, num_classes
             )));
         }
         let abar = alphas_cumprod(
@@ -368,6 +405,11 @@ impl Bundle {
             denoiser,
             encoder,
             embeddings,
+            condition: spec.condition,
+            depth_range: spec
+                .depth_min
+                .zip(spec.depth_max)
+                .filter(|_| self.spec.task == Task::Depth),
             alphas_cumprod: Tensor::from_slice(&abar).to_kind(Kind::Float).to_device(device),
             num_timesteps: spec.schedule.steps as i64,
             latent_scale: spec.latent_scale,
@@ -386,12 +428,19 @@ impl Bundle {
                 )
             })?;
             let t = Tensor::zeros([1], (Kind::Int64, device));
-            let cond = diffusion.embeddings.narrow(0, 0, 1);
+            let cond = match spec.condition {
+                Condition::Mixture => diffusion.embeddings.narrow(0, 0, 1),
+                Condition::Concat => {
+                    let (h, w) = (z0.size()[2], z0.size()[3]);
+                    Tensor::zeros([1, diffusion.condition_channels(), h, w], (Kind::Float, device))
+                }
+            };
             let out = diffusion.denoiser.forward_ts(&[&z0, &t, &cond]).map_err(|e| {
                 format!(
-                    "the denoiser rejected x_t {:?} with cond {:?} (one row of class embeddings {:?}): {e}",
+                    "the denoiser rejected x_t {:?} with cond {:?} (condition = {:?}, class embeddings {:?}): {e}",
                     z0.size(),
                     cond.size(),
+                    spec.condition,
                     e_shape
                 )
             })?;
@@ -423,8 +472,11 @@ impl Bundle {
 pub struct Diffusion {
     pub denoiser: CModule,
     encoder: Option<CModule>,
-    /// `[K,D]` or `[K,T,D]`, float, on the device.
+    /// `[K,D]` or `[K,T,D]`, float, on the device; `[0, 1]` (empty) for depth bundles.
     pub embeddings: Tensor,
+    pub condition: Condition,
+    /// Depth bundles: `(depth_min, depth_max)`, metres, of the condition map's [-1, 1].
+    pub depth_range: Option<(f64, f64)>,
     /// `[T]` float on the device.
     pub alphas_cumprod: Tensor,
     pub num_timesteps: i64,
@@ -441,6 +493,19 @@ impl Diffusion {
         match &self.encoder {
             Some(e) => Ok(e.forward_ts(&[x])? * self.latent_scale),
             None => Ok(x.shallow_clone()),
+        }
+    }
+
+    /// Channels of a `concat` condition map: the embedding width (segmentation) or 1
+    /// (the depth map).
+    pub fn condition_channels(&self) -> i64 {
+        match self.depth_range {
+            Some(_) => 1,
+            None => *self
+                .embeddings
+                .size()
+                .last()
+                .expect("an embedding table has dimensions"),
         }
     }
 
@@ -593,6 +658,28 @@ fn read_safetensors(data: &[u8]) -> Result<Vec<(String, Tensor)>, tch::TchError>
         .collect()
 }
 
+impl Bundle {
+    /// The class-embedding table named by `diffusion.class_embeddings`, as float on `device`.
+    fn class_embeddings(&self, spec: &DiffusionSpec, device: Device) -> Result<Tensor, BundleError> {
+        let tensors = read_safetensors(self.file(&spec.class_embeddings)?).map_err(|source| BundleError::Load {
+            bundle: self.source.clone(),
+            file: spec.class_embeddings.clone(),
+            source,
+        })?;
+        tensors
+            .into_iter()
+            .find(|(n, _)| *n == spec.embeddings_tensor)
+            .map(|(_, t)| t.to_kind(Kind::Float).to_device(device))
+            .ok_or_else(|| BundleError::Shape {
+                bundle: self.source.clone(),
+                message: format!(
+                    "{} holds no tensor named `{}`",
+                    spec.class_embeddings, spec.embeddings_tensor
+                ),
+            })
+    }
+}
+
 fn validate(spec: &BundleSpec) -> Result<(), String> {
     let c = &spec.classifier;
     let p = &c.preprocess;
@@ -622,7 +709,41 @@ fn validate(spec: &BundleSpec) -> Result<(), String> {
     if c.num_classes == 0 {
         return Err("classifier.num_classes must be at least 1".into());
     }
+    if spec.task == Task::Segmentation && c.num_classes > 255 {
+        return Err(format!(
+            "task = \"segmentation\" writes 8-bit masks (255 = ignore): classifier.num_classes must be at most 255, not {}",
+            c.num_classes
+        ));
+    }
+    if spec.task == Task::Depth && c.num_classes != 1 {
+        return Err(format!(
+            "task = \"depth\" predicts one value per pixel: classifier.num_classes must be 1, not {}",
+            c.num_classes
+        ));
+    }
     if let Some(d) = &spec.diffusion {
+        match (spec.task, d.condition) {
+            (Task::Classification, Condition::Concat) => {
+                return Err("diffusion.condition = \"concat\" needs a dense task (segmentation or depth)".into())
+            }
+            (Task::Depth, Condition::Mixture) => {
+                return Err("task = \"depth\" has no classes to mix: set diffusion.condition = \"concat\"".into())
+            }
+            _ => {}
+        }
+        if spec.task == Task::Depth {
+            match (d.depth_min, d.depth_max) {
+                (Some(lo), Some(hi)) if lo.is_finite() && hi.is_finite() && lo < hi => {}
+                _ => {
+                    return Err(
+                        "task = \"depth\": diffusion.depth_min and depth_max must be set, with depth_min < depth_max"
+                            .into(),
+                    )
+                }
+            }
+        } else if d.class_embeddings.is_empty() {
+            return Err("diffusion.class_embeddings must name the class embeddings file".into());
+        }
         if d.channels != 1 && d.channels != 3 {
             return Err(format!("diffusion.channels = {}: must be 1 or 3", d.channels));
         }
@@ -652,6 +773,8 @@ pub struct Classifier {
     pub num_classes: usize,
     /// The kept logit columns (`model.class_subset` / `model.label_map`), on the device.
     kept: Option<Tensor>,
+    /// What the module predicts: logits `[B,K]`, or a map `[B,K,h,w]` (dense tasks).
+    pub task: Task,
     pub view: ClassifierView,
     /// Final-layer parameter names, never adapted.
     pub head: Vec<String>,

@@ -24,6 +24,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+use crate::sample::Task;
+
 /// `model.class_subset`: a shipped list by name, a file of indices, or indices inline.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -70,6 +72,8 @@ pub enum LabelSpaceError {
         origin: String,
         index: i64,
     },
+    #[error("{key}: a depth bundle has no classes to restrict or map")]
+    NoClasses { key: &'static str },
     #[error("{key}: {origin}: lists no class")]
     Empty { key: &'static str, origin: String },
     #[error("model.label_map: {origin}: model class {index} is in dataset classes {first} and {second}; each model class may count for one dataset class only")]
@@ -101,7 +105,16 @@ impl LabelSpace {
         subset: Option<&ClassSubset>,
         map: Option<&str>,
         num_classes: usize,
+        task: Task,
     ) -> Result<Option<LabelSpace>, LabelSpaceError> {
+        if task == Task::Depth && (map.is_some() || subset.is_some()) {
+            let key = if map.is_some() {
+                "model.label_map"
+            } else {
+                "model.class_subset"
+            };
+            return Err(LabelSpaceError::NoClasses { key });
+        }
         if let Some(map) = map {
             return Self::from_map(map, num_classes).map(Some);
         }
@@ -270,12 +283,12 @@ mod tests {
     use super::*;
 
     fn subset(s: ClassSubset, n: usize) -> Result<Option<LabelSpace>, LabelSpaceError> {
-        LabelSpace::resolve(Some(&s), None, n)
+        LabelSpace::resolve(Some(&s), None, n, Task::Classification)
     }
 
     #[test]
     fn no_subset_and_no_map_is_the_full_space() {
-        assert_eq!(LabelSpace::resolve(None, None, 10).unwrap(), None);
+        assert_eq!(LabelSpace::resolve(None, None, 10, Task::Classification).unwrap(), None);
     }
 
     #[test]
@@ -319,7 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("parity.txt");
         std::fs::write(&path, "# even, odd\n0 2 4 6 8 # even\n1 3 5 7 9 # odd\n").unwrap();
-        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10)
+        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
             .unwrap()
             .unwrap();
         assert_eq!(m.len(), 10);
@@ -329,12 +342,12 @@ mod tests {
         );
         // A partial map keeps only the mapped classes.
         std::fs::write(&path, "4\n8 9\n").unwrap();
-        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10)
+        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
             .unwrap()
             .unwrap();
         assert_eq!((0..3).map(|c| m.output_class(c)).collect::<Vec<_>>(), [0, 1, 1]);
         std::fs::write(&path, "4 5\n5\n").unwrap();
-        let e = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10)
+        let e = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
             .unwrap_err()
             .to_string();
         assert!(e.contains("model class 5 is in dataset classes 0 and 1"), "{e}");
@@ -348,7 +361,9 @@ mod tests {
             // Not a 1000-class model: refused with the range.
             assert!(subset(ClassSubset::Named(name.into()), 10).is_err());
         }
-        let m = LabelSpace::resolve(None, Some("objectnet"), 1000).unwrap().unwrap();
+        let m = LabelSpace::resolve(None, Some("objectnet"), 1000, Task::Classification)
+            .unwrap()
+            .unwrap();
         let dataset: std::collections::BTreeSet<i64> = (0..m.len() as i64).map(|c| m.output_class(c)).collect();
         assert_eq!(dataset.len(), 113);
         assert_eq!(dataset.last(), Some(&112));

@@ -100,8 +100,9 @@ pub(super) fn run(
         busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Ok(outcomes) => {
-                for (shard, mut item) in shards.into_iter().zip(outcomes) {
+                for ((shard, mut item), prepared) in shards.into_iter().zip(outcomes).zip(&batch) {
                     item.variant = variant;
+                    item.dense_label = prepared.dense_label.clone();
                     if tx.blocking_send(Event::Item { shard, item }).is_err() {
                         return;
                     }

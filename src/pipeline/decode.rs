@@ -51,6 +51,7 @@ impl Decoder {
                     variant,
                     pixels: None,
                     gen_pixels: None,
+                    dense_label: None,
                     defect: Some(defect.clone()),
                 })
                 .collect()

@@ -43,6 +43,7 @@ use crate::model::device::{self, DeviceSpec};
 use crate::model::{Bundle, BundleError, LabelSpace, LabelSpaceError};
 use crate::shards::{InputFormat, ReadLimits};
 use crate::sink::commit;
+use crate::sink::predictions::Layout;
 use crate::sink::{SinkError, Tally};
 use crate::storage::{self, Location, ShardRef, StorageError, StoreOptions};
 use crate::tta::methods::BuildError;
@@ -94,13 +95,15 @@ pub enum PipelineError {
 
 impl PipelineError {
     /// The process exit code: 2 when the run was refused as configured (a bundle that
-    /// is not the pinned one, one that would mix two models in an output, or a label
-    /// space that does not fit the classifier), 1 otherwise.
+    /// is not the pinned one, one that would mix two models in an output, a label space
+    /// that does not fit the classifier, or a method the bundle and config cannot run),
+    /// 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             PipelineError::Bundle(BundleError::PinMismatch { .. })
             | PipelineError::MixedBundles { .. }
-            | PipelineError::LabelSpace(_) => 2,
+            | PipelineError::LabelSpace(_)
+            | PipelineError::Method(BuildError::Unsupported { .. }) => 2,
             _ => 1,
         }
     }
@@ -253,6 +256,7 @@ pub async fn run(
         config.model.class_subset.as_ref(),
         config.model.label_map.as_deref(),
         bundle.spec.classifier.num_classes,
+        bundle.spec.task,
     )?;
     if let Some(space) = &space {
         tracing::info!("label space {}", space.description);
@@ -273,12 +277,19 @@ pub async fn run(
         } else {
             None
         },
+        task: bundle.spec.task,
+        labels: config.label.clone(),
     };
     let stages = Stages {
         bundle: bundle.source.clone(),
         bundle_sha256: bundle.sha256.clone(),
         device: device::describe(device),
         views,
+        layout: Layout {
+            task: bundle.spec.task,
+            classes: bundle.spec.classifier.num_classes,
+            depth_scale: config.label.depth_scale,
+        },
         prepare: crate::image::prepare,
         method: {
             let (tta, seed, batch_size) = (config.tta.clone(), config.runtime.seed, config.runtime.batch_size);
@@ -349,6 +360,8 @@ struct Stages {
     bundle_sha256: String,
     device: String,
     views: Views,
+    /// The predictions table's columns.
+    layout: Layout,
     prepare: PrepareFn,
     method: MethodFactory,
 }
@@ -504,6 +517,7 @@ async fn execute(
         run_id: run_id.clone(),
         method: method_name,
         bundle_sha256: stages.bundle_sha256,
+        layout: stages.layout,
         worker,
         sources: todo
             .iter()

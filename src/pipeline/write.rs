@@ -15,6 +15,7 @@ use super::event::{Control, Event};
 use super::progress::Progress;
 use super::{FailedShard, PipelineError, RunReport};
 use crate::sink::commit::{self, CommitMarker, CommitResult};
+use crate::sink::predictions::Layout;
 use crate::sink::ShardWriter;
 use crate::storage::Location;
 use crate::tta::Outcome;
@@ -29,6 +30,8 @@ pub(super) struct WriteStage {
     pub method: &'static str,
     /// The model bundle's digest, on every row and commit marker.
     pub bundle_sha256: String,
+    /// The predictions table's columns (dense tasks add theirs).
+    pub layout: Layout,
     pub worker: Worker,
     /// Shard id -> where it was read from, for the commit marker.
     pub sources: HashMap<String, String>,
@@ -52,6 +55,7 @@ impl WriteStage {
                             &shard,
                             self.method,
                             &self.bundle_sha256,
+                            self.layout,
                             self.by_variant,
                         )?;
                         writers.insert(shard, writer);

@@ -5,6 +5,7 @@ use std::io::{self, Write};
 
 use super::percent;
 use super::summary::{Summary, VariantRow};
+use crate::sink::dense::DenseTally;
 use crate::sink::Tally;
 use crate::storage::ShardRef;
 use crate::worker::Worker;
@@ -49,6 +50,11 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
             r.images_per_s.map_or("n/a".to_string(), |v| format!("{v:.1}"))
         )?;
     }
+    for r in summary.rows.iter().filter(|r| r.worker.is_none()) {
+        if let Some(d) = &r.tally.dense {
+            write_dense_line(w, &r.method, d)?;
+        }
+    }
     for (shard, error) in &summary.failed_shards {
         writeln!(w, "failed (not committed): {shard}: {error}")?;
     }
@@ -88,7 +94,86 @@ pub fn write_summary(w: &mut impl Write, summary: &Summary) -> io::Result<()> {
     Ok(())
 }
 
-/// The robustness table: one line per variant, top-1 after adaptation per method, then
+/// One line of dataset-level dense metrics (sums over every labelled pixel, not means of
+/// per-image values), before -> after adaptation.
+fn write_dense_line(w: &mut impl Write, method: &str, d: &DenseTally) -> io::Result<()> {
+    let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.1}", v * 100.0));
+    if d.is_segmentation() {
+        writeln!(
+            w,
+            "{method}: segmentation over {} labelled image(s), {} pixels: mIoU {} -> {} %, pixel acc {} -> {} %",
+            d.scored,
+            d.pixels,
+            pct(d.miou(false)),
+            pct(d.miou(true)),
+            pct(d.pixel_acc(false)),
+            pct(d.pixel_acc(true))
+        )
+    } else {
+        let f = |v: Option<(f64, f64, f64)>, i: usize| {
+            v.map_or("n/a".to_string(), |t| format!("{:.4}", [t.0, t.1, t.2][i]))
+        };
+        let (b, a) = (d.depth(false), d.depth(true));
+        writeln!(
+            w,
+            "{method}: depth over {} labelled image(s), {} valid pixels: AbsRel {} -> {}, RMSE {} -> {} m, delta1 {} -> {}",
+            d.scored,
+            d.pixels,
+            f(b, 0),
+            f(a, 0),
+            f(b, 1),
+            f(a, 1),
+            f(b, 2),
+            f(a, 2)
+        )
+    }
+}
+
+/// The robustness table's metric: top-1 (%), or for dense outputs the dataset-level
+/// mIoU (%) or AbsRel, after adaptation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Headline {
+    Top1,
+    Miou,
+    AbsRel,
+}
+
+impl Headline {
+    fn of(rows: &[VariantRow]) -> Headline {
+        match rows.iter().find_map(|r| r.tally.dense.as_ref()) {
+            Some(d) if d.is_segmentation() => Headline::Miou,
+            Some(_) => Headline::AbsRel,
+            None => Headline::Top1,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Headline::Top1 => "top-1 (%)",
+            Headline::Miou => "mIoU (%)",
+            Headline::AbsRel => "AbsRel (lower is better)",
+        }
+    }
+
+    fn value(self, t: &Tally) -> Option<f64> {
+        match self {
+            Headline::Top1 => t.accuracy_after(),
+            Headline::Miou => t.dense.as_ref()?.miou(true),
+            Headline::AbsRel => t.dense.as_ref()?.depth(true).map(|d| d.0),
+        }
+    }
+
+    fn show(self, v: Option<f64>) -> String {
+        match (self, v) {
+            (_, None) => "n/a".into(),
+            (Headline::AbsRel, Some(v)) => format!("{v:.4}"),
+            (_, Some(v)) => format!("{:.1}", v * 100.0),
+        }
+    }
+}
+
+/// The robustness table: one line per variant, top-1 after adaptation per method (the
+/// dataset-level mIoU or AbsRel for dense outputs), then
 /// the mean over corrupted variants, each method's ms per image and its mean denoiser
 /// evaluations per image.
 pub fn write_robustness(w: &mut impl Write, rows: &[VariantRow]) -> io::Result<()> {
@@ -107,21 +192,22 @@ pub fn write_robustness(w: &mut impl Write, rows: &[VariantRow]) -> io::Result<(
             .find(|r| r.method == method && r.corruption == v.0 && r.severity == v.1)
     };
     let width = methods.iter().map(|m| m.len()).max().unwrap_or(0).max(8);
-    let pct = |a: Option<f64>| a.map_or("n/a".to_string(), |a| format!("{:.1}", a * 100.0));
+    let headline = Headline::of(rows);
+    let pct = |a: Option<f64>| headline.show(a);
     // The first column, then one right-aligned cell per method.
     let mut line = |first: String, cells: Vec<String>| {
         let cells: String = cells.iter().map(|c| format!(" {c:>width$}")).collect();
         writeln!(w, "{first}{cells}")
     };
     line(
-        format!("{:<22} {:>3}", "top-1 (%)", "sev"),
+        format!("{:<22} {:>3}", headline.title(), "sev"),
         methods.iter().map(|m| m.to_string()).collect(),
     )?;
     for &v in &variants {
         let severity = if v.1 == 0 { "-".to_string() } else { v.1.to_string() };
         let cells = methods
             .iter()
-            .map(|m| pct(cell(m, v).and_then(|r| r.tally.accuracy_after())))
+            .map(|m| pct(cell(m, v).and_then(|r| headline.value(&r.tally))))
             .collect();
         line(format!("{:<22} {:>3}", v.0, severity), cells)?;
     }
@@ -131,7 +217,7 @@ pub fn write_robustness(w: &mut impl Write, rows: &[VariantRow]) -> io::Result<(
             let accs: Vec<f64> = variants
                 .iter()
                 .filter(|v| v.1 > 0)
-                .filter_map(|&v| cell(m, v).and_then(|r| r.tally.accuracy_after()))
+                .filter_map(|&v| cell(m, v).and_then(|r| headline.value(&r.tally)))
                 .collect();
             pct((!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64))
         })
@@ -205,7 +291,36 @@ mod tests {
             correct_after: 9,
             adapt_ms,
             by_variant: Default::default(),
+            dense: None,
         }
+    }
+
+    #[test]
+    fn dense_outputs_get_dataset_level_lines_and_their_own_headline() {
+        use crate::tta::dense::{segmentation_metrics, DenseMetrics};
+        let mut t = tally(1.0);
+        let mut d = DenseTally::default();
+        let before = segmentation_metrics(&[0, 0, 1, 1], &[0, 1, 1, 1], 2).unwrap();
+        let after = segmentation_metrics(&[0, 1, 1, 1], &[0, 1, 1, 1], 2).unwrap();
+        d.add(&DenseMetrics::Segmentation(before), &DenseMetrics::Segmentation(after));
+        t.dense = Some(d.clone());
+        let mut out = Vec::new();
+        write_dense_line(&mut out, "source", &d).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        // Before: class 0 IoU 1/2, class 1 IoU 2/3; after: both 1.
+        assert_eq!(
+            line,
+            "source: segmentation over 1 labelled image(s), 4 pixels: mIoU 58.3 -> 100.0 %, pixel acc 75.0 -> 100.0 %\n"
+        );
+        let rows = vec![VariantRow {
+            method: "source".into(),
+            corruption: "clean".into(),
+            severity: 0,
+            tally: t,
+        }];
+        let table = text(|w| write_robustness(w, &rows));
+        assert!(table.starts_with("mIoU (%)"), "{table}");
+        assert!(table.contains("100.0"), "{table}");
     }
 
     fn text(write: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> String {

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
 use super::{ReadLimits, SampleReceiver, ShardError, ShardInput};
-use crate::sample::{Defect, Sample, Status};
+use crate::sample::{Defect, DenseMembers, Sample, Status};
 use crate::storage::{Member, ShardRef};
 use serde::{Deserialize, Serialize};
 /// Image files below a prefix (ImageFolder layout or flat).
@@ -131,6 +131,7 @@ pub async fn read_shard<S: SampleReceiver>(
             key: m.key.clone(),
             image,
             label: m.label,
+            dense: DenseMembers::default(),
             defect,
         };
         if !sink.accept(sample).await {

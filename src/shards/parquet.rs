@@ -21,7 +21,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
 use super::{ReadLimits, SampleReceiver, ShardError, ShardInput};
-use crate::sample::{Defect, Sample, Status};
+use crate::sample::{Defect, DenseMembers, Sample, Status};
 use serde::{Deserialize, Serialize};
 /// Columns of Parquet input, as the Hugging Face datasets layout names them.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -33,6 +33,10 @@ pub struct ParquetInputConfig {
     pub label_column: String,
     /// A string column naming each sample; empty: the image's `path`, else the row number.
     pub key_column: String,
+    /// A binary column with each sample's `seg.png` (segmentation label); empty for none.
+    pub seg_column: String,
+    /// A binary column with each sample's `depth.png` (16-bit depth label); empty for none.
+    pub depth_column: String,
 }
 
 impl Default for ParquetInputConfig {
@@ -41,6 +45,8 @@ impl Default for ParquetInputConfig {
             image_column: "image".into(),
             label_column: "label".into(),
             key_column: String::new(),
+            seg_column: String::new(),
+            depth_column: String::new(),
         }
     }
 }
@@ -65,11 +71,13 @@ pub async fn read_shard<S: SampleReceiver>(
         cfg.image_column.as_str(),
         cfg.label_column.as_str(),
         cfg.key_column.as_str(),
+        cfg.seg_column.as_str(),
+        cfg.depth_column.as_str(),
     ]
     .into_iter()
     .filter(|c| !c.is_empty())
     .collect();
-    for column in [&cfg.image_column, &cfg.key_column] {
+    for column in [&cfg.image_column, &cfg.key_column, &cfg.seg_column, &cfg.depth_column] {
         if !column.is_empty() && schema.field_with_name(column).is_err() {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             return Err(ShardError::Layout(format!(
@@ -160,6 +168,9 @@ struct Columns {
     path: Option<ArrayRef>,
     label: Option<Result<ArrayRef, String>>,
     key: Option<ArrayRef>,
+    /// `seg.png` and `depth.png` bytes (binary columns), or why the column is unusable.
+    seg: Option<Result<ArrayRef, String>>,
+    depth: Option<Result<ArrayRef, String>>,
 }
 
 impl Columns {
@@ -189,11 +200,19 @@ impl Columns {
             .column_by_name(&cfg.key_column)
             .filter(|_| !cfg.key_column.is_empty())
             .and_then(|k| arrow_cast::cast(k, &DataType::LargeUtf8).ok());
+        let binary = |name: &str| {
+            batch.column_by_name(name).filter(|_| !name.is_empty()).map(|c| {
+                arrow_cast::cast(c, &DataType::LargeBinary)
+                    .map_err(|e| format!("column `{name}` does not hold PNG bytes: {e}"))
+            })
+        };
         Ok(Columns {
             image,
             path,
             label,
             key,
+            seg: binary(&cfg.seg_column),
+            depth: binary(&cfg.depth_column),
         })
     }
 
@@ -238,10 +257,37 @@ impl Columns {
                 .is_valid(r)
                 .then(|| l.as_primitive::<arrow_array::types::Int64Type>().value(r)),
         };
+        // A dense label cell that is too large or in a non-binary column is a bad label.
+        let mut dense = |column: &Option<Result<ArrayRef, String>>, what: &str| match column {
+            None => None,
+            Some(Err(message)) => {
+                defect.get_or_insert_with(|| Defect::new(Status::BadLabel, message.clone()));
+                None
+            }
+            Some(Ok(c)) if c.is_valid(r) => {
+                let bytes = c.as_binary::<i64>().value(r);
+                if bytes.len() as u64 > limits.max_member_bytes {
+                    defect.get_or_insert_with(|| {
+                        Defect::new(
+                            Status::BadLabel,
+                            format!("{what} is {} bytes, over limits.max_member_bytes", bytes.len()),
+                        )
+                    });
+                    return None;
+                }
+                Some(Bytes::copy_from_slice(bytes))
+            }
+            Some(Ok(_)) => None,
+        };
+        let dense = DenseMembers {
+            seg: dense(&self.seg, "seg.png"),
+            depth: dense(&self.depth, "depth.png"),
+        };
         Sample {
             key,
             image,
             label,
+            dense,
             defect,
         }
     }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::io::StreamReader;
 
 use super::{ReadLimits, SampleReceiver, ShardError, ShardInput};
-use crate::sample::{Defect, Sample, Status};
+use crate::sample::{Defect, DenseMembers, Sample, Status};
 
 /// Extensions that carry the image, in order of preference within one sample.
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -66,8 +66,13 @@ where
             continue; // unread data is skipped when the next entry is requested
         }
         if size > limits.max_member_bytes {
+            // An oversized dense label costs the label, not the prediction.
+            let status = match dense_member(&ext) {
+                Some(_) => Status::BadLabel,
+                None => Status::TooLarge,
+            };
             builder.note(Defect::new(
-                Status::TooLarge,
+                status,
                 format!(
                     "member .{ext} is {size} bytes, over limits.max_member_bytes ({})",
                     limits.max_member_bytes
@@ -103,11 +108,28 @@ fn kind_of(ext: &str) -> String {
     ext.rsplit('.').next().unwrap_or(ext).to_ascii_lowercase()
 }
 
+/// Which dense label a member holds (`seg.png`, `depth.png`, any case): these are
+/// labels, never the sample's image, though they end in `png`.
+fn dense_member(ext: &str) -> Option<DenseLabelMember> {
+    match ext.to_ascii_lowercase().as_str() {
+        "seg.png" => Some(DenseLabelMember::Seg),
+        "depth.png" => Some(DenseLabelMember::Depth),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DenseLabelMember {
+    Seg,
+    Depth,
+}
+
 /// Collects the members of one sample and picks its image and label.
 struct SampleBuilder {
     key: String,
     image: Option<(usize, Bytes)>,
     label: Option<(usize, String, Bytes)>,
+    dense: DenseMembers,
     members: Vec<String>,
     defect: Option<Defect>,
 }
@@ -118,6 +140,7 @@ impl SampleBuilder {
             key,
             image: None,
             label: None,
+            dense: DenseMembers::default(),
             members: Vec::new(),
             defect: None,
         }
@@ -126,6 +149,12 @@ impl SampleBuilder {
     /// Whether a member with this extension is worth reading; records it either way.
     fn wants(&mut self, ext: &str) -> bool {
         self.members.push(ext.to_string());
+        if let Some(member) = dense_member(ext) {
+            return match member {
+                DenseLabelMember::Seg => self.dense.seg.is_none(),
+                DenseLabelMember::Depth => self.dense.depth.is_none(),
+            };
+        }
         let kind = kind_of(ext);
         let better = |rank: Option<usize>, best: Option<usize>| match (rank, best) {
             (Some(r), Some(b)) => r < b,
@@ -143,11 +172,25 @@ impl SampleBuilder {
         self.defect.as_ref().is_some_and(|d| d.status == Status::TooLarge)
     }
 
+    /// Keeps the first problem, except that an image problem (no prediction) replaces
+    /// a label problem (predicted anyway): the status says the worst that happened.
     fn note(&mut self, defect: Defect) {
-        self.defect.get_or_insert(defect);
+        match &self.defect {
+            Some(d) if d.status.is_predicted() && !defect.status.is_predicted() => self.defect = Some(defect),
+            Some(_) => {}
+            None => self.defect = Some(defect),
+        }
     }
 
     fn add(&mut self, ext: &str, data: Bytes) {
+        if let Some(member) = dense_member(ext) {
+            let slot = match member {
+                DenseLabelMember::Seg => &mut self.dense.seg,
+                DenseLabelMember::Depth => &mut self.dense.depth,
+            };
+            slot.get_or_insert(data);
+            return;
+        }
         let kind = kind_of(ext);
         if let Some(rank) = IMAGE_EXTENSIONS.iter().position(|e| *e == kind) {
             if self.image.is_none() {
@@ -187,6 +230,7 @@ impl SampleBuilder {
             key: self.key,
             image: self.image.map(|(_, d)| d),
             label,
+            dense: self.dense,
             defect: self.defect,
         }
     }
@@ -320,6 +364,34 @@ mod tests {
         );
         assert_eq!(samples[1].label, Some(2), "the label survives an oversized image");
         assert!(samples[1].image.is_none());
+    }
+
+    #[tokio::test]
+    async fn dense_label_members_are_labels_not_images() {
+        let big = vec![0u8; 2000];
+        let tar = tar_of(&[
+            // The label member comes first: it must still not be taken as the image.
+            ("a.seg.png", b"SEG"),
+            ("a.png", b"IMG"),
+            ("b.depth.PNG", b"DEPTH"),
+            ("b.jpg", b"J"),
+            ("c.seg.png", &big),
+            ("c.png", b"C"),
+            ("d.seg.png", &big),
+            ("d.png", &big),
+        ]);
+        let (r, samples) = read(tar, 0).await;
+        assert_eq!(r.unwrap(), 4);
+        assert_eq!(samples[0].image, Some(Bytes::from_static(b"IMG")));
+        assert_eq!(samples[0].dense.seg, Some(Bytes::from_static(b"SEG")));
+        assert_eq!(samples[1].image, Some(Bytes::from_static(b"J")));
+        assert_eq!(samples[1].dense.depth, Some(Bytes::from_static(b"DEPTH")));
+        assert!(samples[0].defect.is_none() && samples[1].defect.is_none());
+        // An oversized label costs the label; an oversized image still outranks it.
+        let status = |i: usize| samples[i].defect.as_ref().map(|d| d.status);
+        assert_eq!(status(2), Some(Status::BadLabel));
+        assert_eq!(samples[2].image, Some(Bytes::from_static(b"C")));
+        assert_eq!(status(3), Some(Status::TooLarge));
     }
 
     #[tokio::test]

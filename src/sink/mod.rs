@@ -9,6 +9,7 @@
 //! glob sees committed data plus, at most, shards still being written.
 
 pub mod commit;
+pub mod dense;
 pub mod predictions;
 pub mod steps;
 
@@ -62,6 +63,9 @@ pub struct Tally {
     /// run expands samples into corrupted variants; empty otherwise.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub by_variant: BTreeMap<String, Tally>,
+    /// Dense tasks: dataset-level sums of the rows scored against a label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense: Option<dense::DenseTally>,
 }
 
 impl Tally {
@@ -78,6 +82,11 @@ impl Tally {
         }
         self.adapt_ms += o.adapt_ms;
         self.denoiser_evals += o.denoiser_evals;
+        if let Some(row) = &o.dense {
+            if let (Some(b), Some(a)) = (&row.metrics_before, &row.metrics_after) {
+                self.dense.get_or_insert_with(Default::default).add(b, a);
+            }
+        }
     }
 
     pub fn merge(&mut self, other: &Tally) {
@@ -92,6 +101,9 @@ impl Tally {
         self.denoiser_evals += other.denoiser_evals;
         for (variant, tally) in &other.by_variant {
             self.by_variant.entry(variant.clone()).or_default().merge(tally);
+        }
+        if let Some(d) = &other.dense {
+            self.dense.get_or_insert_with(Default::default).merge(d);
         }
     }
 
@@ -210,6 +222,8 @@ pub struct ShardWriter {
     method: &'static str,
     /// The model bundle's digest, written on every row.
     bundle_sha256: String,
+    /// Which columns the predictions table has (dense tasks add theirs).
+    layout: predictions::Layout,
     predictions: TableWriter,
     steps: TableWriter,
     pending: Vec<Outcome>,
@@ -230,6 +244,7 @@ impl ShardWriter {
         shard: &str,
         method: &'static str,
         bundle_sha256: &str,
+        layout: predictions::Layout,
         by_variant: bool,
     ) -> Result<Self, SinkError> {
         let rel = |table| Self::relative_path(table, shard, run_id);
@@ -238,7 +253,8 @@ impl ShardWriter {
             run_id: run_id.to_string(),
             method,
             bundle_sha256: bundle_sha256.to_string(),
-            predictions: TableWriter::create(out, &rel("predictions"), predictions::schema())?,
+            layout,
+            predictions: TableWriter::create(out, &rel("predictions"), predictions::schema(&layout))?,
             steps: TableWriter::create(out, &rel("steps"), steps::schema())?,
             pending: Vec::new(),
             tally: Tally::default(),
@@ -250,7 +266,11 @@ impl ShardWriter {
         &self.shard
     }
 
-    pub async fn push(&mut self, outcome: Outcome) -> Result<(), SinkError> {
+    pub async fn push(&mut self, mut outcome: Outcome) -> Result<(), SinkError> {
+        // Dense rows are scored here, once, for both the columns and the tally.
+        if let (Some(row), Some(label)) = (&mut outcome.dense, &outcome.dense_label) {
+            row.score(label, self.layout.classes);
+        }
         self.tally.add(&outcome, self.by_variant);
         self.pending.push(outcome);
         if self.pending.len() >= BATCH_ROWS {
@@ -266,6 +286,7 @@ impl ShardWriter {
         let rows = std::mem::take(&mut self.pending);
         self.predictions
             .write(&predictions::record_batch(
+                &self.layout,
                 &self.run_id,
                 &self.shard,
                 self.method,

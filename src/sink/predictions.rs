@@ -7,10 +7,44 @@ use arrow_array::builder::{Float32Builder, Int64Builder, ListBuilder};
 use arrow_array::{ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
+use super::dense;
+use crate::sample::Task;
 use crate::tta::Outcome;
 
-/// The predictions schema, in column order.
-pub fn schema() -> SchemaRef {
+/// What a predictions table holds besides the classification columns: dense tasks add
+/// their masks or depth maps and metrics after them (a classification table's schema
+/// never changes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Layout {
+    pub task: Task,
+    /// Classes of the model (per-class mIoU sums have this many entries).
+    pub classes: usize,
+    /// Metres per unit of a written 16-bit depth PNG (`label.depth_scale`).
+    pub depth_scale: f64,
+}
+
+impl Layout {
+    pub const CLASSIFICATION: Layout = Layout {
+        task: Task::Classification,
+        classes: 0,
+        depth_scale: 0.001,
+    };
+}
+
+/// The predictions schema of `layout`, in column order.
+pub fn schema(layout: &Layout) -> SchemaRef {
+    let base = classification_schema();
+    match layout.task {
+        Task::Classification => base,
+        task => {
+            let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
+            fields.extend(dense::fields(task));
+            Arc::new(Schema::new(fields))
+        }
+    }
+}
+
+fn classification_schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
     SCHEMA
         .get_or_init(|| {
@@ -48,7 +82,14 @@ pub fn schema() -> SchemaRef {
 }
 
 /// Builds one record batch of rows that share run, shard, method and bundle.
-pub fn record_batch(run_id: &str, shard: &str, method: &str, bundle_sha256: &str, rows: &[Outcome]) -> RecordBatch {
+pub fn record_batch(
+    layout: &Layout,
+    run_id: &str,
+    shard: &str,
+    method: &str,
+    bundle_sha256: &str,
+    rows: &[Outcome],
+) -> RecordBatch {
     let n = rows.len();
     let repeat = |s: &str| Arc::new(StringArray::from(vec![s; n])) as ArrayRef;
     let mut topk = ListBuilder::new(Int64Builder::new());
@@ -59,7 +100,7 @@ pub fn record_batch(run_id: &str, shard: &str, method: &str, bundle_sha256: &str
         topk_probs.values().append_slice(&r.topk_probs_after);
         topk_probs.append(true);
     }
-    let columns: Vec<ArrayRef> = vec![
+    let mut columns: Vec<ArrayRef> = vec![
         repeat(run_id),
         repeat(shard),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.key.as_str()))),
@@ -91,5 +132,8 @@ pub fn record_batch(run_id: &str, shard: &str, method: &str, bundle_sha256: &str
         )),
         super::repeated_dictionary(bundle_sha256, n),
     ];
-    RecordBatch::try_new(schema(), columns).expect("columns match the schema")
+    if layout.task.is_dense() {
+        columns.extend(dense::columns(layout, rows));
+    }
+    RecordBatch::try_new(schema(layout), columns).expect("columns match the schema")
 }

@@ -6,20 +6,24 @@
 pub mod autocast;
 pub mod budget;
 mod config;
+pub mod dense;
 pub mod methods;
 pub mod optim;
 pub mod params;
 pub mod schedule;
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
-use crate::image::Prepared;
+use crate::image::{DenseLabel, Prepared};
 use crate::sample::{Defect, Status, Variant};
 pub use budget::{AfterUpdate, BudgetConfig, Gate, StepCost, StopReason};
 pub use config::{
     Adapt, DiffusionClassifierConfig, DusaConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig,
     Timesteps, TtaConfig,
 };
+pub use dense::{DenseMap, DenseRow};
 pub use methods::Method;
 
 /// The result for one sample: one predictions row (without run-level columns), and the
@@ -50,6 +54,10 @@ pub struct Outcome {
     /// gate fired and the loss stayed finite).
     pub stop_reason: StopReason,
     pub step_log: Vec<StepRecord>,
+    /// Dense tasks: the masks or depth maps before and after adaptation.
+    pub dense: Option<DenseRow>,
+    /// Dense tasks: the sample's label in the crop's geometry (the adapt stage sets it).
+    pub dense_label: Option<Arc<DenseLabel>>,
 }
 
 /// One optimizer step of one image: a row of the steps table.
@@ -122,6 +130,8 @@ impl Outcome {
             denoiser_evals: 0,
             stop_reason: StopReason::None,
             step_log: Vec::new(),
+            dense: None,
+            dense_label: None,
         }
     }
 

@@ -16,7 +16,7 @@ pub use tent::Tent;
 use tch::{Device, Tensor};
 
 use super::params::AdaptedParams;
-use super::{MethodName, Outcome, Precision, Prediction, StepRecord, TtaConfig};
+use super::{DenseRow, MethodName, Outcome, Precision, Prediction, StepRecord, TtaConfig};
 use crate::image::Prepared;
 use crate::model::{Bundle, BundleError, Classifier, Diffusion, LabelSpace};
 
@@ -81,6 +81,18 @@ pub fn build(
         method: tta.method_column(),
         source,
     };
+    let task = bundle.spec.task;
+    if task.is_dense() && tta.method != MethodName::Source {
+        let why = if tta.method == MethodName::DiffusionClassifier {
+            "it scores one class per image and has no per-pixel form"
+        } else {
+            "its dense form is not built yet (issue 12); use method = \"source\""
+        };
+        return Err(BuildError::Unsupported {
+            method: tta.method_column(),
+            source: tch::TchError::Kind(format!("the bundle's task is {}, and {why}", task.as_str())),
+        });
+    }
     let mut classifier = bundle.load_classifier(device)?;
     let load_diffusion = || -> Result<Diffusion, BundleError> {
         let mut diffusion = bundle.load_diffusion(device)?;
@@ -146,6 +158,9 @@ impl Method for Restricted {
             o.pred_after = o.pred_after.map(class);
             o.topk_after.iter_mut().for_each(|c| *c = class(*c));
             o.step_log.iter_mut().for_each(|s| s.pred = class(s.pred));
+            if let Some(dense) = &mut o.dense {
+                dense.map_classes(class);
+            }
         }
         Ok(outcomes)
     }
@@ -210,6 +225,23 @@ fn assemble(batch: &[Prepared], before: Vec<Prediction>, after: Vec<Prediction>,
             let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
             o.set_before(&before.next().expect("one prediction per image"));
             o.set_after(after.next().expect("one prediction per image"));
+            o.adapt_ms = per_image_ms;
+            o
+        })
+        .collect()
+}
+
+/// Assembles outcomes in input order from the dense predictions of the predicted rows.
+fn assemble_dense(batch: &[Prepared], rows: Vec<DenseRow>, per_image_ms: f64) -> Vec<Outcome> {
+    let mut rows = rows.into_iter();
+    batch
+        .iter()
+        .map(|p| {
+            if p.pixels.is_none() {
+                return Outcome::unpredicted(p);
+            }
+            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
+            o.dense = Some(rows.next().expect("one dense prediction per image"));
             o.adapt_ms = per_image_ms;
             o
         })
