@@ -15,11 +15,12 @@ TOOLS := .tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
 AZURITE := $(TOOLS)/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: help setup browser build demo test eval bench check-python fmt clean
+.PHONY: help setup browser build demo demo-seg demo-depth test eval bench check-python fmt clean
 
 help:
 	@echo "make demo   set up, build, run the demo pipeline, summarize its output"
 	@echo "make test   set up, build, run every test"
+	@echo "make demo-seg, make demo-depth   the dense demos (segmentation, depth) under 4 corruptions"
 	@echo "make eval   robustness evaluation: every method under 15 corruptions (README, \"Does it work?\")"
 	@echo "make bench  the performance figures, each against its baseline (README, \"Performance\")"
 
@@ -62,6 +63,23 @@ demo: build
 	$(BIN) summarize out/demo/
 	@echo
 	@echo "Predictions: out/demo/predictions/*.parquet (committed shards: out/demo/_commits/)"
+
+# The dense demos (pipelines/demo-seg.toml, demo-depth.toml): one output per method,
+# then one table over them (dataset-level mIoU, or AbsRel, per corruption).
+demo-seg: build
+	rm -rf out/demo-seg
+	for method in source tent; do \
+	  $(BIN) run pipelines/demo-seg.toml --no-progress \
+	    --set tta.method=$$method --set output.url=out/demo-seg/$$method/ || exit 1; \
+	done
+	@echo
+	$(BIN) summarize out/demo-seg/
+
+demo-depth: build
+	rm -rf out/demo-depth
+	$(BIN) run pipelines/demo-depth.toml --no-progress
+	@echo
+	$(BIN) summarize out/demo-depth/
 
 # Where apt-get exists, setup installed Chromium, so the browser test must not skip.
 test: setup

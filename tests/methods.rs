@@ -174,7 +174,8 @@ fn unusable_method_settings_are_one_line_errors() {
         "method = \"diffusion-tta\"\nprecision = \"bf16\"",
     );
     let o = run_dtta(&["run", p.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // A method the bundle, device and config cannot run is a configuration error.
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bf16") && err.contains("CUDA"), "{err}");
 
@@ -321,7 +322,7 @@ fn dusa_candidate_counts_beyond_the_classes_are_one_line_errors() {
         "method = \"dusa\"\n[tta.dusa]\ntopk = 8\nrandom = 3",
     );
     let o = run_dtta(&["run", p.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("tta.dusa.topk") && err.contains("10 classes"), "{err}");
     // A bad value in the config itself: exit 2, naming the key.

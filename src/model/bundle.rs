@@ -297,6 +297,7 @@ impl Bundle {
             num_classes: spec.num_classes,
             kept: None,
             task: self.spec.task,
+            output_shape: Vec::new(),
             view,
             head: spec.head.clone(),
             norm: spec.norm.clone(),
@@ -325,6 +326,10 @@ impl Bundle {
                 spec.num_classes,
             )));
         }
+        let classifier = Classifier {
+            output_shape: shape,
+            ..classifier
+        };
         let names: Vec<String> = classifier.parameter_names().map_err(|e| shape_err(e.to_string()))?;
         for (list, what) in [(&spec.head, "head"), (&spec.norm, "norm")] {
             if let Some(missing) = list.iter().find(|h| !names.contains(h)) {
@@ -506,6 +511,37 @@ impl Diffusion {
                 .size()
                 .last()
                 .expect("an embedding table has dimensions"),
+        }
+    }
+
+    /// The `concat` condition `[B, D, h, w]` (the latent's spatial size) of a dense
+    /// model output: for a segmenter's logits `[B,K,h',w']`, the per-pixel mixture
+    /// `sum_k p_k(u) E_k` of the softmax over classes, resized bilinearly as
+    /// probabilities; for a depth map `[B,1,h',w']` (metres), the map resized bilinearly
+    /// and normalised from `depth_range` to [-1, 1]. Differentiable in `output`.
+    pub fn condition_map(&self, output: &Tensor, task: Task) -> Result<Tensor, tch::TchError> {
+        let size = [self.latent_shape[1], self.latent_shape[2]];
+        let resize = |t: Tensor| -> Result<Tensor, tch::TchError> {
+            let s = t.size();
+            if s[2..] == size {
+                Ok(t)
+            } else {
+                t.f_upsample_bilinear2d(size, false, None, None)
+            }
+        };
+        match (task, self.depth_range) {
+            (Task::Depth, Some((lo, hi))) => {
+                let d = resize(output.to_kind(Kind::Float))?;
+                Ok((d - lo) * (2.0 / (hi - lo)) - 1.0)
+            }
+            (Task::Segmentation, _) => {
+                let p = resize(output.to_kind(Kind::Float).softmax(1, Kind::Float))?;
+                Tensor::f_einsum("bkhw,kd->bdhw", &[p, self.embeddings.shallow_clone()], None::<&[i64]>)
+            }
+            _ => Err(tch::TchError::Kind(format!(
+                "no concat condition for task {} (depth needs diffusion.depth_min/max)",
+                task.as_str()
+            ))),
         }
     }
 
@@ -775,6 +811,8 @@ pub struct Classifier {
     kept: Option<Tensor>,
     /// What the module predicts: logits `[B,K]`, or a map `[B,K,h,w]` (dense tasks).
     pub task: Task,
+    /// The module's output shape for one image, as checked at load.
+    pub output_shape: Vec<i64>,
     pub view: ClassifierView,
     /// Final-layer parameter names, never adapted.
     pub head: Vec<String>,

@@ -5,9 +5,10 @@ use std::io::{self, Write};
 use tch::Device;
 
 use super::percent;
-use crate::model::bundle::BundleSpec;
+use crate::model::bundle::{BundleSpec, Condition};
 use crate::model::{device, Bundle};
 use crate::pipeline::RunReport;
+use crate::sample::Task;
 
 /// `dtta run`: shards, images, accuracy, compute and memory of the finished run.
 pub fn write_run(w: &mut impl Write, r: &RunReport) -> io::Result<()> {
@@ -74,6 +75,8 @@ pub struct Inspection<'a> {
     /// The device, described.
     pub device: String,
     pub input_shape: [i64; 4],
+    /// The classifier's output for one image: `[1, K]`, or `[1, K, h, w]` (dense tasks).
+    pub output_shape: Vec<i64>,
     /// All classifier parameters.
     pub parameters: i64,
     /// Those in the classifier's head.
@@ -119,6 +122,7 @@ pub fn inspect(bundle: &Bundle, device: Device) -> Result<Inspection<'_>, String
         sha256: &bundle.sha256,
         device: device::describe(device),
         input_shape: classifier.input_shape(1),
+        output_shape: classifier.output_shape.clone(),
         parameters,
         head_parameters,
         diffusion,
@@ -132,10 +136,21 @@ pub fn write_inspection(w: &mut impl Write, i: &Inspection) -> io::Result<()> {
     writeln!(w, "bundle {} ({})", spec.name, i.source)?;
     writeln!(w, "  sha256:      {}", i.sha256)?;
     writeln!(w, "  device:      {}", i.device)?;
+    let output = match spec.task {
+        Task::Classification => format!("logits {:?}", i.output_shape),
+        Task::Segmentation => format!(
+            "segmentation logits {:?}, upsampled to the {}x{} crop",
+            i.output_shape, c.preprocess.crop, c.preprocess.crop
+        ),
+        Task::Depth => format!(
+            "depth (metres) {:?}, upsampled to the {}x{} crop",
+            i.output_shape, c.preprocess.crop, c.preprocess.crop
+        ),
+    };
     writeln!(
         w,
-        "  classifier:  {}: input {:?} -> logits [1, {}] (checked with one forward)",
-        c.file, i.input_shape, c.num_classes
+        "  classifier:  {}: input {:?} -> {output} (checked with one forward)",
+        c.file, i.input_shape
     )?;
     let p = &c.preprocess;
     writeln!(
@@ -157,10 +172,22 @@ pub fn write_inspection(w: &mut impl Write, i: &Inspection) -> io::Result<()> {
         writeln!(w, "  norm params: {} tensors (TENT, adapt = \"norm\")", c.norm.len())?;
     }
     if let (Some(d), Some(check)) = (&spec.diffusion, &i.diffusion) {
+        let condition = match (spec.task, d.condition) {
+            (Task::Depth, _) => format!(
+                "condition: the depth map, concatenated, normalised from {}..{} m",
+                d.depth_min.unwrap_or_default(),
+                d.depth_max.unwrap_or_default()
+            ),
+            (_, Condition::Concat) => format!(
+                "condition: per-pixel class-embedding mixtures, concatenated, class embeddings {:?}",
+                check.embeddings_shape
+            ),
+            (_, Condition::Mixture) => format!("class embeddings {:?}", check.embeddings_shape),
+        };
         writeln!(
             w,
-            "  diffusion:   {} ({} parameters): z0 {:?}, class embeddings {:?} (checked with one forward)",
-            d.denoiser, check.parameters, check.latent_shape, check.embeddings_shape
+            "  diffusion:   {} ({} parameters): z0 {:?}, {condition} (checked with one forward)",
+            d.denoiser, check.parameters, check.latent_shape
         )?;
         let encoder = d.encoder.as_deref().map_or("none (pixel space)".to_string(), |e| {
             format!("{e}, latent_scale {}", d.latent_scale)
@@ -208,6 +235,7 @@ mod tests {
             sha256: "e25fa978203e0365277dae552430e1b5e85e1352f609484f1990335517b0cc04",
             device: "cpu".into(),
             input_shape: [1, 1, 28, 28],
+            output_shape: vec![1, 10],
             parameters: 24058,
             head_parameters: 650,
             diffusion: None,

@@ -104,6 +104,19 @@ pub fn predictions(logits: &Tensor, k: usize) -> Result<Vec<Prediction>, tch::Tc
         .collect())
 }
 
+impl Prediction {
+    /// No image-level class (dense tasks, whose prediction is a map): class -1,
+    /// confidence 0, empty top-k.
+    pub fn placeholder() -> Prediction {
+        Prediction {
+            class: -1,
+            conf: 0.0,
+            topk: Vec::new(),
+            topk_probs: Vec::new(),
+        }
+    }
+}
+
 impl Outcome {
     /// A row with the sample's identity and status, and no prediction yet.
     pub fn blank(key: String, label: Option<i64>, defect: Option<Defect>) -> Outcome {

@@ -24,13 +24,13 @@ use tch::{Device, Kind, Tensor};
 use super::{per_image, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
-use crate::sample::Status;
+use crate::sample::{Status, Task};
 use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, NoiseSource, SeededNoise};
 use crate::tta::{
-    predictions, AfterUpdate, BudgetConfig, Loss, Mode, Outcome, Precision, Prediction, StepRecord, StopReason,
-    TtaConfig,
+    dense, predictions, AfterUpdate, BudgetConfig, DenseRow, Loss, Mode, Outcome, Precision, Prediction, StepRecord,
+    StopReason, TtaConfig,
 };
 
 /// The knobs of the loop, from `[tta]`.
@@ -84,6 +84,9 @@ pub struct Adapted {
     /// Why adaptation ended before `steps` ([`StopReason::None`]: it did not).
     pub stop_reason: StopReason,
     pub elapsed_ms: f64,
+    /// Dense tasks: the masks or depth maps before and after (`before`/`after` are then
+    /// placeholders without a class).
+    pub dense: Option<DenseRow>,
 }
 
 impl Adapted {
@@ -91,8 +94,13 @@ impl Adapted {
     /// diverged), with its steps rows.
     pub fn into_outcome(self, p: &Prepared) -> Outcome {
         let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
-        o.set_before(&self.before);
-        o.set_after(self.after);
+        match self.dense {
+            Some(dense) => o.dense = Some(dense),
+            None => {
+                o.set_before(&self.before);
+                o.set_after(self.after);
+            }
+        }
         o.loss_first = self.steps.first().map(|s| s.loss);
         o.loss_last = self.steps.last().map(|s| s.loss);
         o.steps = self.steps.len() as u32;
@@ -106,6 +114,35 @@ impl Adapted {
         }
         o
     }
+}
+
+/// One step's `[pred, conf, entropy, grad_norm]` on the device: the top-1, its
+/// probability and the softmax entropy for a classifier; for a segmenter the per-pixel
+/// mean confidence and entropy with pred -1 (no image-level class); for a depth network
+/// -1, 0, 0.
+fn step_metric(logits: &Tensor, task: Task, grad_norm: &Tensor) -> Tensor {
+    let device = logits.device();
+    let (pred, conf, entropy) = match task {
+        Task::Classification => {
+            let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
+            let (conf, pred) = probs.max_dim(-1, false);
+            let entropy = -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float);
+            (pred.to_kind(Kind::Float), conf, entropy)
+        }
+        Task::Segmentation => {
+            let probs = logits.to_kind(Kind::Float).softmax(1, Kind::Float);
+            let conf = probs.amax(1, false).mean(Kind::Float).view([1]);
+            let entropy = (-(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float))
+                .mean(Kind::Float)
+                .view([1]);
+            (Tensor::from_slice(&[-1f32]).to_device(device), conf, entropy)
+        }
+        Task::Depth => {
+            let fixed = Tensor::from_slice(&[-1f32, 0.0, 0.0]).to_device(device);
+            (fixed.narrow(0, 0, 1), fixed.narrow(0, 1, 1), fixed.narrow(0, 2, 1))
+        }
+    };
+    Tensor::cat(&[pred, conf, entropy, grad_norm.view([1])], 0)
 }
 
 pub struct DiffusionTta {
@@ -184,7 +221,18 @@ impl DiffusionTta {
             .to_device(device);
         self.classifier.set_eval();
         let logits0 = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
-        let before = predictions(&logits0, k.topk)?.remove(0);
+        // Dense tasks: the map is the prediction; the image-level one is a placeholder
+        // (budgets, which read it, are refused for dense tasks).
+        let task = self.classifier.task;
+        let crop = self.classifier.view.crop;
+        let before_map = match task.is_dense() {
+            true => Some(dense::maps(&logits0, task, crop)?.remove(0)),
+            false => None,
+        };
+        let before = match before_map {
+            Some(_) => Prediction::placeholder(),
+            None => predictions(&logits0, k.topk)?.remove(0),
+        };
         let mut gate = k.budget.start(&before);
         if let Some(reason) = gate.skip() {
             return Ok(Adapted {
@@ -196,10 +244,11 @@ impl DiffusionTta {
                 denoiser_evals: 0,
                 stop_reason: reason,
                 elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                dense: None,
             });
         }
         let z0 = tch::no_grad(|| self.autocast(|| self.diffusion.encode(&x_gen)))?.to_kind(Kind::Float);
-        let classes = (k.adapt_topk > 0).then(|| {
+        let classes = (k.adapt_topk > 0 && !task.is_dense()).then(|| {
             let kk = (k.adapt_topk as i64).min(logits0.size()[1]);
             logits0.topk(kk, -1, true, true).1.squeeze_dim(0)
         });
@@ -291,13 +340,7 @@ impl DiffusionTta {
             }
             self.optimizer.step(&self.params.tensors)?;
             self.params.zero_grad();
-            let probs = logits_seen.to_kind(Kind::Float).softmax(-1, Kind::Float);
-            let (conf, pred) = probs.max_dim(-1, false);
-            let entropy = -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float);
-            step_metrics.push(Tensor::cat(
-                &[pred.to_kind(Kind::Float), conf, entropy, grad_norm.view([1])],
-                0,
-            ));
+            step_metrics.push(step_metric(&logits_seen, task, &grad_norm));
             step_host.push((loss_value as f32, started.elapsed().as_secs_f64() * 1e3));
             let update = gate.after_update(step, k.steps, || {
                 let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
@@ -317,13 +360,24 @@ impl DiffusionTta {
         }
         self.params.zero_grad();
 
+        let mut after_map = None;
         let mut after = match (&diverged, gate.take_prediction()) {
             (Some(_), _) => before.clone(),
             // The weights have not changed since that prediction.
             (None, Some(p)) => p,
             (None, None) => {
                 let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
-                predictions(&logits, k.topk)?.remove(0)
+                if task.is_dense() {
+                    // A non-finite output makes the placeholder's confidence NaN: diverged.
+                    let finite = logits.isfinite().all().int64_value(&[]) == 1;
+                    after_map = Some(dense::maps(&logits, task, crop)?.remove(0));
+                    Prediction {
+                        conf: if finite { 0.0 } else { f32::NAN },
+                        ..Prediction::placeholder()
+                    }
+                } else {
+                    predictions(&logits, k.topk)?.remove(0)
+                }
             }
         };
         if diverged.is_none() && !after.conf.is_finite() {
@@ -336,7 +390,12 @@ impl DiffusionTta {
         if diverged.is_some() {
             self.roll_back();
             stop_reason = StopReason::Diverged;
+            after_map = None;
         }
+        let dense = before_map.map(|b| {
+            let a = after_map.unwrap_or_else(|| b.clone());
+            DenseRow::new(crop, b, a)
+        });
         if k.mode == Mode::Episodic {
             self.reset();
         }
@@ -358,6 +417,7 @@ impl DiffusionTta {
             denoiser_evals: gate.evals(),
             stop_reason,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            dense,
         })
     }
 
@@ -365,6 +425,10 @@ impl DiffusionTta {
     /// `[1, D...]` (over `classes` when set), with gradients.
     fn condition_of(&self, x: &Tensor, classes: Option<&Tensor>) -> Result<(Tensor, Tensor), tch::TchError> {
         let logits = self.classifier.logits(x)?;
+        if self.classifier.task.is_dense() {
+            let cond = self.diffusion.condition_map(&logits, self.classifier.task)?;
+            return Ok((logits, cond));
+        }
         let chosen = match classes {
             Some(idx) => logits.index_select(1, idx),
             None => logits.shallow_clone(),

@@ -305,6 +305,7 @@ impl Dusa {
                     denoiser_evals: 0,
                     stop_reason: reason,
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                    dense: None,
                 },
                 candidates: Vec::new(),
             });
@@ -382,6 +383,7 @@ impl Dusa {
                 denoiser_evals: gate.evals(),
                 stop_reason,
                 elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                dense: None,
             },
             candidates,
         })

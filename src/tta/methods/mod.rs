@@ -19,6 +19,7 @@ use super::params::AdaptedParams;
 use super::{DenseRow, MethodName, Outcome, Precision, Prediction, StepRecord, TtaConfig};
 use crate::image::Prepared;
 use crate::model::{Bundle, BundleError, Classifier, Diffusion, LabelSpace};
+use crate::sample::Task;
 
 /// Runs `adapt` on every sample that has both views, in order; the others get their
 /// status row. For the per-image methods.
@@ -82,11 +83,16 @@ pub fn build(
         source,
     };
     let task = bundle.spec.task;
-    if task.is_dense() && tta.method != MethodName::Source {
-        let why = if tta.method == MethodName::DiffusionClassifier {
-            "it scores one class per image and has no per-pixel form"
-        } else {
-            "its dense form is not built yet (issue 12); use method = \"source\""
+    let dense_ready = match tta.method {
+        MethodName::Source | MethodName::DiffusionTta => true,
+        MethodName::Tent => task != Task::Depth,
+        _ => false,
+    };
+    if task.is_dense() && !dense_ready {
+        let why = match tta.method {
+            MethodName::DiffusionClassifier => "it scores one class per image and has no per-pixel form",
+            MethodName::Tent => "it minimises class entropy, and a depth model has no classes",
+            _ => "its dense form is not built yet (issue 12); use source, tent or diffusion-tta",
         };
         return Err(BuildError::Unsupported {
             method: tta.method_column(),
@@ -185,6 +191,11 @@ fn adapted_parameters(
     cfg.budget
         .validate(cfg.budget_step_cost())
         .map_err(|(key, message)| tch::TchError::Kind(format!("{key}: {message}")))?;
+    if classifier.task.is_dense() && !cfg.budget.is_off() {
+        return Err(tch::TchError::Kind(
+            "tta.budget: its gates read an image-level prediction; a dense task has none".into(),
+        ));
+    }
     let params = AdaptedParams::select(
         classifier.named_parameters()?,
         diffusion.named_parameters()?,
@@ -212,10 +223,9 @@ fn predicted_images(batch: &[Prepared]) -> Vec<&[f32]> {
     batch.iter().filter_map(|p| p.pixels.as_deref()).collect()
 }
 
-/// Assembles outcomes in input order from per-image predictions of the predicted rows.
-fn assemble(batch: &[Prepared], before: Vec<Prediction>, after: Vec<Prediction>, per_image_ms: f64) -> Vec<Outcome> {
-    let mut before = before.into_iter();
-    let mut after = after.into_iter();
+/// Assembles outcomes in input order: the rows without pixels get their status row,
+/// and `fill` completes the others' rows, in order.
+fn assemble_with(batch: &[Prepared], per_image_ms: f64, mut fill: impl FnMut(&mut Outcome)) -> Vec<Outcome> {
     batch
         .iter()
         .map(|p| {
@@ -223,29 +233,29 @@ fn assemble(batch: &[Prepared], before: Vec<Prediction>, after: Vec<Prediction>,
                 return Outcome::unpredicted(p);
             }
             let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
-            o.set_before(&before.next().expect("one prediction per image"));
-            o.set_after(after.next().expect("one prediction per image"));
+            fill(&mut o);
             o.adapt_ms = per_image_ms;
             o
         })
         .collect()
 }
 
+/// Assembles outcomes in input order from per-image predictions of the predicted rows.
+fn assemble(batch: &[Prepared], before: Vec<Prediction>, after: Vec<Prediction>, per_image_ms: f64) -> Vec<Outcome> {
+    let mut pairs = before.into_iter().zip(after);
+    assemble_with(batch, per_image_ms, |o| {
+        let (before, after) = pairs.next().expect("one prediction per image");
+        o.set_before(&before);
+        o.set_after(after);
+    })
+}
+
 /// Assembles outcomes in input order from the dense predictions of the predicted rows.
 fn assemble_dense(batch: &[Prepared], rows: Vec<DenseRow>, per_image_ms: f64) -> Vec<Outcome> {
     let mut rows = rows.into_iter();
-    batch
-        .iter()
-        .map(|p| {
-            if p.pixels.is_none() {
-                return Outcome::unpredicted(p);
-            }
-            let mut o = Outcome::blank(p.key.clone(), p.label, p.defect.clone());
-            o.dense = Some(rows.next().expect("one dense prediction per image"));
-            o.adapt_ms = per_image_ms;
-            o
-        })
-        .collect()
+    assemble_with(batch, per_image_ms, |o| {
+        o.dense = Some(rows.next().expect("one dense prediction per image"));
+    })
 }
 
 /// Steps rows from the per-step `[pred, conf, entropy, grad_norm]` device metrics (one host copy) and host values.

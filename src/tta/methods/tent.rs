@@ -1,16 +1,16 @@
 //! `tent`: online entropy minimisation over the norm layers' affine parameters
-//! (Wang et al., ICLR 2021).
+//! (Wang et al., ICLR 2021); for segmenters, of the per-pixel entropy's mean.
 
 use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use super::{assemble, predicted_images, Method};
+use super::{assemble, assemble_dense, predicted_images, Method};
 use crate::image::Prepared;
 use crate::model::Classifier;
 use crate::tta::optim::Optimizer;
 use crate::tta::params::{AdaptedParams, VariantStreams};
-use crate::tta::{predictions, Adapt, OptimizerKind, Outcome, TentConfig};
+use crate::tta::{dense, predictions, Adapt, DenseRow, OptimizerKind, Outcome, TentConfig};
 
 /// TENT: online; each batch is predicted in train mode (batch statistics) and then used
 /// for one entropy-minimisation step on the norm layers' affine parameters. With
@@ -81,16 +81,31 @@ impl Method for Tent {
         let source = tch::no_grad(|| self.classifier.logits(&x))?;
         self.classifier.set_train();
         let logits = self.classifier.logits(&x)?;
-        let p = logits.softmax(-1, Kind::Float);
-        let entropy = -(&p * logits.log_softmax(-1, Kind::Float)).sum_dim_intlist(-1, false, Kind::Float);
+        // Classes are the last dimension of [B,K], the second of a segmenter's [B,K,h,w];
+        // a segmenter's entropy is the mean over its output pixels.
+        let task = self.classifier.task;
+        let class_dim = if task.is_dense() { 1 } else { -1 };
+        let p = logits.softmax(class_dim, Kind::Float);
+        let entropy = -(&p * logits.log_softmax(class_dim, Kind::Float)).sum_dim_intlist(class_dim, false, Kind::Float);
         entropy.mean(Kind::Float).f_backward()?;
         self.optimizer.step(&self.params.tensors)?;
         self.params.zero_grad();
         self.classifier.set_eval();
+        let ms = || started.elapsed().as_secs_f64() * 1e3 / images.len() as f64;
+        if task.is_dense() {
+            let side = self.classifier.view.crop;
+            let before = dense::maps(&source, task, side)?;
+            let after = dense::maps(&logits, task, side)?;
+            let rows = before
+                .into_iter()
+                .zip(after)
+                .map(|(b, a)| DenseRow::new(side, b, a))
+                .collect();
+            return Ok(assemble_dense(batch, rows, ms()));
+        }
         let before = predictions(&source, self.topk)?;
         let after = predictions(&logits, self.topk)?;
-        let ms = started.elapsed().as_secs_f64() * 1e3 / images.len() as f64;
-        Ok(assemble(batch, before, after, ms))
+        Ok(assemble(batch, before, after, ms()))
     }
 
     /// A failed batch leaves at most stale gradients and train mode; the affine
