@@ -428,3 +428,122 @@ fn diffusion_tta_adapts_segmenters_and_depth_networks() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("a dense task has none"), "{}", text(&o));
 }
+
+/// A PNG's IHDR size set to `w x h`, its CRC fixed (a well-formed header that lies).
+fn png_with_size(mut png: Vec<u8>, w: u32, h: u32) -> Vec<u8> {
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+#[test]
+fn mutated_dense_labels_cost_one_label_each() {
+    use rand::{Rng, SeedableRng};
+    let seed = test_seed("mutated_dense_labels_cost_one_label_each");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    for (task, member, bundle) in [("seg", "seg.png", seg_bundle()), ("depth", "depth.png", depth_bundle())] {
+        let src = members(&repo().join(format!("data/demo-{task}/shard-000000.tar")));
+        let mut out = Vec::new();
+        let mut untouched = BTreeMap::new();
+        for (i, (name, label)) in src
+            .iter()
+            .filter(|(n, _)| n.ends_with(&format!(".{member}")))
+            .enumerate()
+        {
+            let key = name.strip_suffix(&format!(".{member}")).unwrap();
+            out.push((format!("{key}.png"), src[&format!("{key}.png")].clone()));
+            let mut l = label.clone();
+            let what = match i % 8 {
+                0 => "untouched",
+                1 => {
+                    for _ in 0..rng.random_range(1..8) {
+                        let at = rng.random_range(0..l.len());
+                        l[at] ^= 1 << rng.random_range(0..8);
+                    }
+                    "bit flips"
+                }
+                2 => {
+                    l.truncate(rng.random_range(0..l.len()));
+                    "truncated"
+                }
+                3 => {
+                    l = png_with_size(l, 65535, 65535);
+                    "bomb header"
+                }
+                4 => {
+                    l = png_with_size(l, 64, 63);
+                    "off-by-one header"
+                }
+                5 => {
+                    l = png8(64, |x, y| (x + y) as u8);
+                    if task == "seg" {
+                        "valid"
+                    } else {
+                        "8-bit depth"
+                    }
+                }
+                6 => {
+                    l = (0..rng.random_range(0..200)).map(|_| rng.random()).collect();
+                    "garbage"
+                }
+                _ => {
+                    l.extend((0..100).map(|_| rng.random::<u8>()));
+                    "trailing junk"
+                }
+            };
+            untouched.insert(key.to_string(), what);
+            out.push((name.clone(), l));
+        }
+        let shard = dir.path().join(format!("{task}.tar"));
+        write_tar(&shard, &out);
+        let o = run(dir.path(), task, shard.to_str().unwrap(), &bundle, &[]);
+        assert!(o.status.success(), "seed {seed}, {task}: {}", text(&o));
+        let mut rows = 0;
+        let map = if task == "seg" { "mask_after" } else { "depth_after" };
+        let metric = if task == "seg" { "miou_after" } else { "abs_rel_after" };
+        for b in committed_batches(&dir.path().join(task), "predictions") {
+            let key = column::<StringArray>(&b, "key");
+            let status = column::<StringArray>(&b, "status");
+            let maps = column::<BinaryArray>(&b, map);
+            let scored = column::<Float32Array>(&b, metric);
+            for r in 0..b.num_rows() {
+                rows += 1;
+                let what = untouched[key.value(r)];
+                let context = format!("seed {seed}, {task}, {} ({what})", key.value(r));
+                // The image is always valid: every row is predicted, and scored exactly
+                // when its label was read.
+                assert!(maps.is_valid(r), "{context}");
+                assert!(
+                    ["ok", "bad_label"].contains(&status.value(r)),
+                    "{context}: {}",
+                    status.value(r)
+                );
+                assert_eq!(scored.is_valid(r), status.value(r) == "ok", "{context}");
+                let expected = match what {
+                    "untouched" | "trailing junk" => Some("ok"),
+                    "valid" => Some("ok"),
+                    "bomb header" | "off-by-one header" | "8-bit depth" => Some("bad_label"),
+                    _ => None,
+                };
+                if let Some(e) = expected {
+                    assert_eq!(status.value(r), e, "{context}");
+                }
+            }
+        }
+        assert_eq!(rows, 100, "seed {seed}, {task}: one row per sample");
+    }
+}

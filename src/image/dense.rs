@@ -57,17 +57,25 @@ pub fn read_label(
     };
     let Some(bytes) = bytes else { return Ok(None) };
     let bad = |m: String| Defect::new(Status::BadLabel, format!("{member}: {m}"));
-    let decoded = ImageReader::new(Cursor::new(&bytes[..]))
-        .with_guessed_format()
-        .map_err(|e| bad(e.to_string()))?
-        .decode()
+    let reader = || {
+        ImageReader::new(Cursor::new(&bytes[..]))
+            .with_guessed_format()
+            .map_err(|e| bad(e.to_string()))
+    };
+    // The header's size is checked before anything is decoded: a label can only be as
+    // large as its image, which passed `limits.max_pixels`.
+    let size = reader()?
+        .into_dimensions()
         .map_err(|e| bad(format!("cannot decode: {e}")))?;
-    let size = (decoded.width(), decoded.height());
     if size != image_size {
         return Err(bad(format!(
             "{}x{} label for a {}x{} image",
             size.0, size.1, image_size.0, image_size.1
         )));
+    }
+    let decoded = reader()?.decode().map_err(|e| bad(format!("cannot decode: {e}")))?;
+    if (decoded.width(), decoded.height()) != image_size {
+        return Err(bad("the decoded size differs from the header's".into()));
     }
     let label = match (task, decoded) {
         (Task::Segmentation, DynamicImage::ImageLuma8(l)) => {
