@@ -133,6 +133,21 @@ fn segmentation_columns_match_the_masks_and_labels() {
     let o = run_dtta(&["summarize", dir.path().join("source").to_str().unwrap()]);
     let expected = format!("mIoU {:.1} -> {:.1} %", miou * 100.0, miou * 100.0);
     assert!(text(&o).contains(&expected), "expected {expected:?} in {}", text(&o));
+    // The report's dense section holds the same dataset mIoU.
+    let out = dir.path().join("source");
+    let page = dir.path().join("report.html");
+    let o = run_dtta(&["report", out.to_str().unwrap(), "-o", page.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("_runs/report.json")).unwrap()).unwrap();
+    let rows = json["dense"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{json}");
+    assert!(
+        (rows[0]["miou_after"].as_f64().unwrap() - miou * 100.0).abs() < 1e-9,
+        "{json}"
+    );
+    assert_eq!(rows[0]["images"], 100);
+    assert!(std::fs::read_to_string(&page).unwrap().contains("<h2>Dense tasks</h2>"));
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //!
 //! [`rows`] reads committed data only; each section computes its numbers from those rows
 //! (a serde struct, the JSON) and renders them: [`facts`], [`robustness`] (matrix and
-//! gains), [`cost`], [`dynamics`], [`relabelling`]. [`svg`] draws the charts and
+//! gains), [`cost`], [`dynamics`], [`relabelling`], [`dense`] (segmentation and depth
+//! outputs). [`svg`] draws the charts and
 //! [`bootstrap`] makes the gain intervals. Every chart has a caption that states its
 //! numbers in words, so the page reads without the pictures.
 //!
@@ -13,6 +14,7 @@
 
 pub mod bootstrap;
 pub mod cost;
+pub mod dense;
 pub mod dynamics;
 pub mod facts;
 pub mod relabelling;
@@ -40,8 +42,9 @@ pub struct Report {
     pub cost: cost::Cost,
     pub dynamics: dynamics::Dynamics,
     pub relabelling: relabelling::Relabelling,
-    // Dense tasks (issue 12: segmentation mIoU, depth errors) get their section here once
-    // the predictions table carries them: a `dense` module with a per-method table.
+    /// Dense tasks: dataset-level mIoU or depth errors per method and variant (empty
+    /// for classification outputs).
+    pub dense: dense::Dense,
 }
 
 /// Reads the committed shards below `outs` and computes every section.
@@ -60,6 +63,7 @@ pub fn compute(c: &rows::Committed) -> Report {
         cost: cost::compute(c),
         dynamics: dynamics::compute(c),
         relabelling: relabelling::compute(c),
+        dense: dense::compute(c),
     }
 }
 
@@ -108,6 +112,13 @@ pub fn render(r: &Report) -> String {
     ];
     for (id, title, body) in sections {
         let _ = write!(h, "<section id=\"{id}\"><h2>{title}</h2>{body}</section>");
+    }
+    if !r.dense.rows.is_empty() {
+        let _ = write!(
+            h,
+            "<section id=\"dense\"><h2>Dense tasks</h2>{}</section>",
+            dense::render(&r.dense)
+        );
     }
     h.push_str("</body></html>\n");
     h

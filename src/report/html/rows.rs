@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::report::summary::{outputs_below, read_runs};
 use crate::sample::Variant;
 use crate::sink::commit::read_markers;
+use crate::sink::dense::DenseTally;
 use crate::sink::{SinkError, Tally};
 use crate::storage::{retrying, Location};
 
@@ -97,6 +98,9 @@ pub struct Committed {
     pub steps: Vec<StepRow>,
     /// Whether any predictions file had a `denoiser_evals` column.
     pub has_denoiser_evals: bool,
+    /// Dense tasks: commit-marker tallies per (series, variant tag), summed; only
+    /// those with dataset-level dense sums.
+    pub dense: BTreeMap<(usize, String), DenseTally>,
 }
 
 /// Reads every committed shard below each of `outs`.
@@ -131,6 +135,15 @@ pub async fn read(outs: &[Location]) -> Result<Committed, SinkError> {
         }
         c.committed_shards += 1;
         c.tally.merge(&marker.tally);
+        let by_variant: Vec<(String, &Tally)> = match marker.tally.by_variant.is_empty() {
+            true => vec![("clean".to_string(), &marker.tally)],
+            false => marker.tally.by_variant.iter().map(|(v, t)| (v.clone(), t)).collect(),
+        };
+        for (variant, tally) in by_variant {
+            if let Some(d) = &tally.dense {
+                c.dense.entry((series, variant)).or_default().merge(d);
+            }
+        }
         let batches = read_parquet(output, &marker.predictions, &PREDICTION_COLUMNS).await?;
         for batch in &batches {
             c.has_denoiser_evals |= batch.column_by_name("denoiser_evals").is_some();

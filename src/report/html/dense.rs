@@ -1,0 +1,106 @@
+//! Dense tasks: dataset-level segmentation and depth metrics per method and variant,
+//! from the commit markers' sums (mIoU from per-class intersections and unions summed
+//! over the dataset; depth errors over all valid pixels), before and after adaptation.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::rows::Committed;
+use super::svg::esc;
+use crate::sample::Variant;
+
+/// One (method, variant) cell group.
+#[derive(Debug, Clone, Serialize)]
+pub struct DenseRow {
+    pub series: String,
+    pub variant: String,
+    /// Images scored against a label, and their labelled (or valid) pixels.
+    pub images: u64,
+    pub pixels: u64,
+    /// Segmentation (%): dataset mIoU and pixel accuracy; `None` for depth.
+    pub miou_before: Option<f64>,
+    pub miou_after: Option<f64>,
+    pub pixel_acc_after: Option<f64>,
+    /// Depth: AbsRel, RMSE (m) and delta1 after adaptation, AbsRel before.
+    pub abs_rel_before: Option<f64>,
+    pub abs_rel_after: Option<f64>,
+    pub rmse_after: Option<f64>,
+    pub delta1_after: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Dense {
+    pub rows: Vec<DenseRow>,
+}
+
+pub fn compute(c: &Committed) -> Dense {
+    let mut rows: Vec<DenseRow> = c
+        .dense
+        .iter()
+        .map(|((series, variant), d)| {
+            let (before, after) = (d.depth(false), d.depth(true));
+            DenseRow {
+                series: c.series[*series].clone(),
+                variant: variant.clone(),
+                images: d.scored,
+                pixels: d.pixels,
+                miou_before: d.miou(false).map(|v| v * 100.0),
+                miou_after: d.miou(true).map(|v| v * 100.0),
+                pixel_acc_after: d.pixel_acc(true).map(|v| v * 100.0),
+                abs_rel_before: before.map(|t| t.0),
+                abs_rel_after: after.map(|t| t.0),
+                rmse_after: after.map(|t| t.1),
+                delta1_after: after.map(|t| t.2),
+            }
+        })
+        .collect();
+    // Clean first, then the corruptions in tag order; methods in series order.
+    let order = |v: &str| {
+        (
+            v.parse::<Variant>().map_or(true, |v| v.corruption.is_some()),
+            v.to_string(),
+        )
+    };
+    rows.sort_by(|a, b| (order(&a.variant), &a.series).cmp(&(order(&b.variant), &b.series)));
+    Dense { rows }
+}
+
+pub fn render(d: &Dense) -> String {
+    let mut h = String::new();
+    let f = |v: Option<f64>, digits: usize| v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"));
+    h.push_str(
+        "<div class=\"wide\"><table><thead><tr><th>method</th><th>variant</th><th class=\"num\">images</th>\
+         <th class=\"num\">mIoU before (%)</th><th class=\"num\">mIoU after (%)</th><th class=\"num\">pixel acc (%)</th>\
+         <th class=\"num\">AbsRel before</th><th class=\"num\">AbsRel after</th><th class=\"num\">RMSE (m)</th>\
+         <th class=\"num\">&#948;1</th></tr></thead><tbody>",
+    );
+    for r in &d.rows {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td></tr>",
+            esc(&r.series),
+            esc(&r.variant),
+            r.images,
+            f(r.miou_before, 1),
+            f(r.miou_after, 1),
+            f(r.pixel_acc_after, 1),
+            f(r.abs_rel_before, 4),
+            f(r.abs_rel_after, 4),
+            f(r.rmse_after, 3),
+            f(r.delta1_after, 3),
+        );
+    }
+    h.push_str("</tbody></table></div>");
+    let _ = write!(
+        h,
+        "<p class=\"caption\">Dataset-level metrics of the dense outputs, one row per method and variant \
+         ({} rows): mIoU from intersections and unions summed per class over every labelled pixel \
+         (not a mean of per-image values), depth errors averaged over every valid pixel; before is the \
+         unadapted model on the same images. The Top-1 sections above do not apply to dense outputs.</p>",
+        d.rows.len()
+    );
+    h
+}
