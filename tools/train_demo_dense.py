@@ -244,19 +244,26 @@ def train_classifier(args, pool):
         else:
             valid = tgt > 0
             loss = (out.squeeze(1).log() - tgt.clamp_min(1e-3).log()).abs()[valid].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if it % 100 == 0 or it == args.iters - 1:
-            print(f"iter {it}: loss {running:.4f} ({time.time() - started:.0f} s)", flush=True)
+        running = optimise(opt, sched, loss, running, it, args.iters, started)
     model.eval()
     torch.jit.script(model).save(os.path.join(args.bundle_dir, "classifier.pt"))
     norm = [
         f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")
     ]
     return norm, param_count(model), time.time() - started
+
+
+def optimise(opt, sched, loss, running, it, iters, started):
+    """One optimizer and schedule step on `loss`; returns the smoothed loss, printed
+    every 100 iterations and at the last."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+    if it % 100 == 0 or it == iters - 1:
+        print(f"iter {it}: loss {running:.4f} ({time.time() - started:.0f} s)", flush=True)
+    return running
 
 
 def soften(onehot: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -295,13 +302,7 @@ def train_denoiser(args, pool):
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = F.mse_loss(model(x_t, t, cond), eps)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if it % 100 == 0 or it == args.iters - 1:
-            print(f"iter {it}: loss {running:.4f} ({time.time() - started:.0f} s)", flush=True)
+        running = optimise(opt, sched, loss, running, it, args.iters, started)
     model.eval()
     torch.jit.script(model).save(os.path.join(args.bundle_dir, "denoiser.pt"))
     if seg:

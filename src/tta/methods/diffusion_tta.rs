@@ -90,6 +90,22 @@ pub struct Adapted {
 }
 
 impl Adapted {
+    /// An image a budget gate let through unadapted (`reason`): the source prediction
+    /// twice, no steps, no denoiser evaluations.
+    pub fn skipped(before: Prediction, reason: StopReason, started: Instant) -> Adapted {
+        Adapted {
+            after: before.clone(),
+            before,
+            iteration_losses: Vec::new(),
+            steps: Vec::new(),
+            diverged: None,
+            denoiser_evals: 0,
+            stop_reason: reason,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            dense: None,
+        }
+    }
+
     /// The predictions row of sample `p` (status `diverged` with its reason when it
     /// diverged), with its steps rows.
     pub fn into_outcome(self, p: &Prepared) -> Outcome {
@@ -235,17 +251,7 @@ impl DiffusionTta {
         };
         let mut gate = k.budget.start(&before);
         if let Some(reason) = gate.skip() {
-            return Ok(Adapted {
-                after: before.clone(),
-                before,
-                iteration_losses: Vec::new(),
-                steps: Vec::new(),
-                diverged: None,
-                denoiser_evals: 0,
-                stop_reason: reason,
-                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-                dense: None,
-            });
+            return Ok(Adapted::skipped(before, reason, started));
         }
         let z0 = tch::no_grad(|| self.autocast(|| self.diffusion.encode(&x_gen)))?.to_kind(Kind::Float);
         let classes = (k.adapt_topk > 0 && !task.is_dense()).then(|| {

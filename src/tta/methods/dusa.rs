@@ -296,17 +296,7 @@ impl Dusa {
         let mut gate = self.budget.start(&before);
         if let Some(reason) = gate.skip() {
             return Ok(DusaImage {
-                image: Adapted {
-                    after: before.clone(),
-                    before,
-                    iteration_losses: Vec::new(),
-                    steps: Vec::new(),
-                    diverged: None,
-                    denoiser_evals: 0,
-                    stop_reason: reason,
-                    elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-                    dense: None,
-                },
+                image: Adapted::skipped(before, reason, started),
                 candidates: Vec::new(),
             });
         }
