@@ -22,15 +22,17 @@ fn python(args: &[&str]) {
 }
 
 fn tiny_bundle(dir: &Path, text_embeddings: bool) -> PathBuf {
-    let out = dir.join(if text_embeddings { "tiny-text" } else { "tiny" });
-    let mut args = vec![
-        repo().join("tools/make_tiny_bundle.py").to_string_lossy().into_owned(),
-        out.to_string_lossy().into_owned(),
-    ];
-    if text_embeddings {
-        args.push("--text-embeddings".into());
-    }
-    python(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let flags: &[&str] = if text_embeddings { &["--text-embeddings"] } else { &[] };
+    make_tiny_bundle(dir, if text_embeddings { "tiny-text" } else { "tiny" }, flags)
+}
+
+/// `tools/make_tiny_bundle.py DIR/NAME FLAGS...`.
+fn make_tiny_bundle(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let script = repo().join("tools/make_tiny_bundle.py");
+    let mut args = vec![script.to_str().unwrap(), out.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    python(&args);
     out
 }
 
@@ -319,6 +321,35 @@ fn matches_the_reference_loop_adamw_l1_topk_text_embeddings() {
             "2",
         ],
     );
+}
+
+/// Concat conditioning (issue 12): a segmenter's per-pixel class-embedding mixture and a
+/// depth network's normalised map, both resampled from a 6x6 output to the 4x4 latent, so
+/// the bilinear path is compared, not skipped.
+#[test]
+fn dense_concat_conditioning_matches_the_reference_for_a_segmenter_and_a_depth_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    for task in ["segmentation", "depth"] {
+        let b = make_tiny_bundle(tmp.path(), task, &["--task", task]);
+        assert_eq!(load(&b).spec.task.as_str(), task);
+        check_parity(
+            &b,
+            knobs(3, 2, 4),
+            &["--steps", "3", "--accum", "2", "--samples", "4", "--lr", "0.05"],
+        );
+        let cfg = TtaConfig {
+            optimizer: OptimizerKind::Adamw,
+            lr: 0.01,
+            adapt: Adapt::Norm,
+            ..knobs(2, 1, 3)
+        };
+        let args = ["--steps", "2", "--accum", "1", "--samples", "3", "--lr", "0.01"];
+        check_parity(
+            &b,
+            cfg,
+            &[&args[..], &["--optimizer", "adamw", "--adapt", "norm"]].concat(),
+        );
+    }
 }
 
 #[test]

@@ -5,7 +5,8 @@ Usage: python tools/reference_tta.py BUNDLE_DIR OUT.safetensors [--steps 3] [--a
        [--optimizer sgd|adamw] [--adapt classifier+diffusion|classifier|norm]
        [--loss mse|l1] [--adapt-topk 0] [--seed 0]
 
-Follows the published code's semantics (ALGORITHM.md): the classifier re-runs every
+A dense bundle (task segmentation or depth, diffusion.condition = "concat") is conditioned
+on a per-pixel map instead (`dense_condition`). Follows the published code's semantics (ALGORITHM.md): the classifier re-runs every
 iteration in eval mode, the loss is the mean MSE divided by accum, the optimizer
 (torch.optim) steps every accum iterations. It draws the image, the timesteps and the
 noise itself and saves them with the per-iteration losses and the final adapted
@@ -129,7 +130,9 @@ def main():
     classifier = torch.jit.load(os.path.join(args.bundle, cls_spec["file"])).eval()
     denoiser = torch.jit.load(os.path.join(args.bundle, diff["denoiser"])).eval()
     encoder = torch.jit.load(os.path.join(args.bundle, diff["encoder"])).eval() if "encoder" in diff else None
-    E = load_file(os.path.join(args.bundle, diff["class_embeddings"]))["embeddings"].float()
+    E = load_file(os.path.join(args.bundle, diff["class_embeddings"]))["embeddings"].float() if "class_embeddings" in diff else None
+    # Dense bundles (task segmentation/depth, condition concat): the condition is a map.
+    args.dense = dense_condition(spec) if spec.get("task", "classification") != "classification" else None
     sched = diff["schedule"]
     betas = torch.linspace(sched["beta_start"], sched["beta_end"], sched["steps"], dtype=torch.float64)
     abar = torch.cumprod(1 - betas, 0).float()
@@ -303,16 +306,41 @@ def make_optimizer(tensors, args):
     return torch.optim.AdamW(tensors, lr=args.lr, weight_decay=args.weight_decay)
 
 
+def dense_condition(spec):
+    """The concat condition of a dense bundle (paper section 3.2), as a function of the
+    model's output [1,K,h,w] (segmentation) or [1,1,h,w] (depth) and E:
+    - segmentation: c(u) = sum_k p_k(u) E_k, p the per-pixel softmax over classes,
+      resampled to the latent's size as probabilities (bilinear, align_corners=False);
+    - depth: the depth map resampled the same way, mapped from [depth_min, depth_max]
+      metres linearly onto [-1, 1]."""
+    diff = spec["diffusion"]
+    if diff.get("condition") != "concat":
+        raise SystemExit("reference: dense bundles need diffusion.condition = \"concat\"")
+
+    def resample(m, size):
+        return torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
+    if spec["task"] == "depth":
+        lo, hi = diff["depth_min"], diff["depth_max"]
+        return lambda out, E, size: 2 * (resample(out.float(), size) - lo) / (hi - lo) - 1
+    return lambda out, E, size: torch.einsum("bkhw,kd->bdhw", resample(out.float().softmax(1), size), E)
+
+
 def iteration_loss(classifier, denoiser, x, z0, t, eps, E, abar, topk, C, args):
     """One iteration of the published loop: the classifier re-runs (eval mode), its
     softmax (over `topk` when set) mixes the embeddings `E` into one condition for all
-    pairs, and the loss is the mean MSE (or L1) of the noise prediction over `accum`."""
+    pairs (a dense bundle: one condition map, `dense_condition`), and the loss is the mean
+    MSE (or L1) of the noise prediction over `accum`."""
     n = t.shape[0]
     logits = classifier(x)
-    chosen = logits[:, topk] if topk is not None else logits
-    p = chosen.float().softmax(-1)
-    e = E[topk] if topk is not None else E
-    c = (p @ e.reshape(e.shape[0], -1)).reshape(1, *e.shape[1:]).expand(n, *e.shape[1:])
+    if getattr(args, "dense", None) is not None:
+        c = args.dense(logits, E, z0.shape[-2:])
+        c = c.expand(n, *c.shape[1:])
+    else:
+        chosen = logits[:, topk] if topk is not None else logits
+        p = chosen.float().softmax(-1)
+        e = E[topk] if topk is not None else E
+        c = (p @ e.reshape(e.shape[0], -1)).reshape(1, *e.shape[1:]).expand(n, *e.shape[1:])
     a = abar[t].view(n, 1, 1, 1)
     z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
     d = denoiser(z_t, t, c)[:, :C].float() - eps
