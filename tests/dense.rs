@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use arrow_array::{Array, BinaryArray, Float32Array, Int64Array, ListArray, StringArray};
+use arrow_array::{Array, BinaryArray, Float32Array, Int32Array, Int64Array, ListArray, StringArray};
 use common::*;
 
 fn seg_bundle() -> PathBuf {
@@ -431,6 +431,35 @@ fn diffusion_tta_adapts_segmenters_and_depth_networks() {
             .collect();
         assert_eq!(steps.len(), 10, "{name}");
         assert!(steps.iter().all(|&p| p == -1), "{name}");
+        // Each step row carries the label metric of the prediction that step saw. Step 0
+        // of an episodic image sees the source weights: its metric is the row's `_before`.
+        let metric = if map == "mask_after" { "miou" } else { "abs_rel" };
+        let mut before = BTreeMap::new();
+        for b in committed_batches(&out, "predictions") {
+            let keys = column::<StringArray>(&b, "key");
+            let m = column::<Float32Array>(&b, &format!("{metric}_before"));
+            for r in 0..b.num_rows() {
+                before.insert(keys.value(r).to_string(), m.value(r));
+            }
+        }
+        let mut step_rows = 0;
+        for b in committed_batches(&out, "steps") {
+            let (keys, step) = (column::<StringArray>(&b, "key"), column::<Int32Array>(&b, "step"));
+            let m = column::<Float32Array>(&b, metric);
+            for r in 0..b.num_rows() {
+                assert!(
+                    m.is_valid(r) && m.value(r).is_finite(),
+                    "{name}: {metric} of every step"
+                );
+                if mode == "tta.mode=episodic" && step.value(r) == 0 {
+                    assert_eq!(m.value(r), before[keys.value(r)], "{name}: step 0 of {}", keys.value(r));
+                    step_rows += 1;
+                }
+            }
+        }
+        if mode == "tta.mode=episodic" {
+            assert_eq!(step_rows, 5, "{name}");
+        }
     }
     // A budget reads an image-level prediction: refused for dense tasks.
     let o = run(

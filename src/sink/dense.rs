@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::predictions::Layout;
 use crate::sample::Task;
 use crate::tta::dense::{DenseMetrics, DepthMetrics, SegMetrics};
-use crate::tta::{DenseMap, Outcome};
+use crate::tta::{DenseMap, Outcome, StepRecord};
 
 /// The dense columns of `task`, in order.
 pub fn fields(task: Task) -> Vec<Field> {
@@ -158,6 +158,48 @@ pub fn columns(layout: &Layout, rows: &[Outcome]) -> Vec<ArrayRef> {
         Task::Classification => unreachable!("dense columns of a classification table"),
     }
     columns
+}
+
+/// The metrics the steps table adds for `task`, by column name.
+fn step_metric_names(task: Task) -> &'static [&'static str] {
+    match task {
+        Task::Segmentation => &["pixel_acc", "miou"],
+        Task::Depth => &["abs_rel", "rmse", "delta1", "ssim"],
+        Task::Classification => &[],
+    }
+}
+
+/// The steps table's dense columns (after the classification ones): the metrics of the
+/// prediction each step saw, against the label; null where the row has no label.
+pub fn step_fields(task: Task) -> Vec<Field> {
+    step_metric_names(task)
+        .iter()
+        .map(|name| Field::new(*name, DataType::Float32, true))
+        .collect()
+}
+
+/// The columns of [`step_fields`] for the steps table's rows `(outcome, step)`.
+pub fn step_columns(task: Task, rows: &[(&Outcome, &StepRecord)]) -> Vec<ArrayRef> {
+    let value = |m: &DenseMetrics, name: &str| -> Option<f32> {
+        match (m, name) {
+            (DenseMetrics::Segmentation(s), "pixel_acc") => Some(s.pixel_acc),
+            (DenseMetrics::Segmentation(s), "miou") => Some(s.miou),
+            (DenseMetrics::Depth(d), "abs_rel") => Some(d.abs_rel),
+            (DenseMetrics::Depth(d), "rmse") => Some(d.rmse),
+            (DenseMetrics::Depth(d), "delta1") => Some(d.delta1),
+            (DenseMetrics::Depth(d), "ssim") => Some(d.ssim),
+            _ => None,
+        }
+    };
+    step_metric_names(task)
+        .iter()
+        .map(|name| {
+            Arc::new(Float32Array::from_iter(rows.iter().map(|(o, s)| {
+                let scored = o.dense.as_ref()?.step_metrics.get(s.step as usize)?.as_ref()?;
+                value(scored, name)
+            }))) as ArrayRef
+        })
+        .collect()
 }
 
 /// Dataset-level dense sums of a shard, run or output (in commit markers and run

@@ -255,7 +255,7 @@ impl ShardWriter {
             bundle_sha256: bundle_sha256.to_string(),
             layout,
             predictions: TableWriter::create(out, &rel("predictions"), predictions::schema(&layout))?,
-            steps: TableWriter::create(out, &rel("steps"), steps::schema())?,
+            steps: TableWriter::create(out, &rel("steps"), steps::schema(&layout))?,
             pending: Vec::new(),
             tally: Tally::default(),
             by_variant,
@@ -296,6 +296,7 @@ impl ShardWriter {
             .await?;
         self.steps
             .write(&steps::record_batch(
+                &self.layout,
                 &self.run_id,
                 &self.shard,
                 &self.bundle_sha256,

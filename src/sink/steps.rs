@@ -1,14 +1,33 @@
 //! The steps table: one row per sample per adaptation step (diffusion-tta). Column names
-//! and types are a contract with dashboards.
+//! and types are a contract with dashboards. Dense tasks append the metrics of each
+//! step's prediction against the label (`super::dense::step_fields`); a classification
+//! table's schema does not change.
 
 use std::sync::{Arc, OnceLock};
 
 use arrow_array::{ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
+use super::dense;
+use super::predictions::Layout;
+use crate::sample::Task;
 use crate::tta::Outcome;
 
-pub fn schema() -> SchemaRef {
+/// The steps table's schema for `layout` (dense tasks add their metric columns).
+pub fn schema(layout: &Layout) -> SchemaRef {
+    if layout.task == Task::Classification {
+        return classification_schema();
+    }
+    let mut fields: Vec<_> = classification_schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.extend(dense::step_fields(layout.task));
+    Arc::new(Schema::new(fields))
+}
+
+fn classification_schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
     SCHEMA
         .get_or_init(|| {
@@ -33,13 +52,19 @@ pub fn schema() -> SchemaRef {
 }
 
 /// The step rows of `outcomes` (possibly none).
-pub fn record_batch(run_id: &str, shard: &str, bundle_sha256: &str, outcomes: &[Outcome]) -> RecordBatch {
+pub fn record_batch(
+    layout: &Layout,
+    run_id: &str,
+    shard: &str,
+    bundle_sha256: &str,
+    outcomes: &[Outcome],
+) -> RecordBatch {
     let rows: Vec<(&Outcome, &crate::tta::StepRecord)> = outcomes
         .iter()
         .flat_map(|o| o.step_log.iter().map(move |s| (o, s)))
         .collect();
     let n = rows.len();
-    let columns: Vec<ArrayRef> = vec![
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![run_id; n])),
         Arc::new(StringArray::from(vec![shard; n])),
         Arc::new(StringArray::from_iter_values(rows.iter().map(|(o, _)| o.key.as_str()))),
@@ -59,5 +84,6 @@ pub fn record_batch(run_id: &str, shard: &str, bundle_sha256: &str, outcomes: &[
         )),
         super::repeated_dictionary(bundle_sha256, n),
     ];
-    RecordBatch::try_new(schema(), columns).expect("columns match the schema")
+    columns.extend(dense::step_columns(layout.task, &rows));
+    RecordBatch::try_new(schema(layout), columns).expect("columns match the schema")
 }

@@ -27,8 +27,14 @@ pub struct DenseRow {
     pub side: u32,
     pub before: DenseMap,
     pub after: DenseMap,
+    /// The prediction each adaptation step saw (step `i` at index `i`, as the steps
+    /// table's rows). Held only until [`DenseRow::score`], which drops them: at real size
+    /// they are the largest part of a row.
+    pub steps: Vec<DenseMap>,
     pub metrics_before: Option<DenseMetrics>,
     pub metrics_after: Option<DenseMetrics>,
+    /// Per step, the metrics of `steps[i]` (the steps table's label metrics).
+    pub step_metrics: Vec<Option<DenseMetrics>>,
 }
 
 impl DenseRow {
@@ -37,22 +43,34 @@ impl DenseRow {
             side,
             before,
             after,
+            steps: Vec::new(),
             metrics_before: None,
             metrics_after: None,
+            step_metrics: Vec::new(),
         }
     }
 
-    /// Sets both metrics against `label` (over `classes` classes for masks). Call it
-    /// after every class index is final (label spaces map them first).
+    /// With the predictions seen during each adaptation step.
+    pub fn with_steps(self, steps: Vec<DenseMap>) -> DenseRow {
+        DenseRow { steps, ..self }
+    }
+
+    /// Sets every metric against `label` (over `classes` classes for masks) and drops the
+    /// per-step maps. Call it after every class index is final (label spaces map them
+    /// first).
     pub fn score(&mut self, label: &DenseLabel, classes: usize) {
         let side = self.side as usize;
         self.metrics_before = metrics(&self.before, label, classes, side);
         self.metrics_after = metrics(&self.after, label, classes, side);
+        self.step_metrics = std::mem::take(&mut self.steps)
+            .iter()
+            .map(|m| metrics(m, label, classes, side))
+            .collect();
     }
 
-    /// Rewrites every class index of both masks (label spaces); depth is left alone.
+    /// Rewrites every class index of every mask (label spaces); depth is left alone.
     pub fn map_classes(&mut self, class: impl Fn(i64) -> i64) {
-        for map in [&mut self.before, &mut self.after] {
+        for map in [&mut self.before, &mut self.after].into_iter().chain(&mut self.steps) {
             if let DenseMap::Segmentation(mask) = map {
                 mask.iter_mut().for_each(|c| *c = class(*c as i64) as u8);
             }

@@ -29,8 +29,8 @@ use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, NoiseSource, SeededNoise};
 use crate::tta::{
-    dense, predictions, AfterUpdate, BudgetConfig, DenseRow, Loss, Mode, Outcome, Precision, Prediction, StepRecord,
-    StopReason, TtaConfig,
+    dense, predictions, AfterUpdate, BudgetConfig, DenseMap, DenseRow, Loss, Mode, Outcome, Precision, Prediction,
+    StepRecord, StopReason, TtaConfig,
 };
 
 /// The knobs of the loop, from `[tta]`.
@@ -268,6 +268,7 @@ impl DiffusionTta {
         let mut iteration_losses = Vec::with_capacity(k.steps * k.accum);
         let mut step_metrics: Vec<Tensor> = Vec::with_capacity(k.steps);
         let mut step_host: Vec<(f32, f64)> = Vec::with_capacity(k.steps);
+        let mut step_maps: Vec<DenseMap> = Vec::new();
         let mut diverged = None;
         let mut stop_reason = StopReason::None;
         let step_evals = (k.accum * k.samples) as u64;
@@ -346,6 +347,10 @@ impl DiffusionTta {
             }
             self.optimizer.step(&self.params.tensors)?;
             self.params.zero_grad();
+            if task.is_dense() {
+                // Scored against the label by the writer (the steps table's metrics).
+                step_maps.extend(dense::maps(&logits_seen, task, crop)?);
+            }
             step_metrics.push(step_metric(&logits_seen, task, &grad_norm));
             step_host.push((loss_value as f32, started.elapsed().as_secs_f64() * 1e3));
             let update = gate.after_update(step, k.steps, || {
@@ -400,7 +405,7 @@ impl DiffusionTta {
         }
         let dense = before_map.map(|b| {
             let a = after_map.unwrap_or_else(|| b.clone());
-            DenseRow::new(crop, b, a)
+            DenseRow::new(crop, b, a).with_steps(step_maps)
         });
         if k.mode == Mode::Episodic {
             self.reset();
