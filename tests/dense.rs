@@ -325,6 +325,13 @@ fn methods_without_a_dense_form_are_refused() {
             "tent",
             "a depth model has no classes",
         ),
+        (
+            "dusa-depth",
+            &depth,
+            depth_bundle(),
+            "dusa",
+            "mixes class-conditional noise predictions",
+        ),
     ];
     for (name, input, bundle, method, message) in cases {
         let o = run(
@@ -352,27 +359,74 @@ fn methods_without_a_dense_form_are_refused() {
     }
 }
 
+/// The first five scenes of a task's test shard 0, as `DIR/TASK.tar`.
+fn five_scenes(dir: &Path, task: &str) -> PathBuf {
+    let src = repo().join(format!("data/demo-{task}/shard-000000.tar"));
+    let all = members(&src);
+    let keys: Vec<String> = all
+        .keys()
+        .filter_map(|k| k.strip_suffix(".png").filter(|k| !k.contains('.')))
+        .map(String::from)
+        .take(5)
+        .collect();
+    let picked: Vec<(String, Vec<u8>)> = all
+        .into_iter()
+        .filter(|(name, _)| keys.iter().any(|k| name.starts_with(&format!("{k}."))))
+        .collect();
+    let path = dir.join(format!("{task}.tar"));
+    write_tar(&path, &picked);
+    path
+}
+
+/// DUSA's per-pixel form adapts a segmenter, episodic and online: every row has both
+/// masks and metrics, the denoiser passes are candidates x iterations, and the steps
+/// rows carry the label metrics.
+#[test]
+fn dusa_adapts_segmenters_episodic_and_online() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = five_scenes(dir.path(), "seg");
+    for (name, sets, evals, steps) in [
+        (
+            "dusa-episodic",
+            ["tta.mode=episodic", "tta.dusa.steps=2"],
+            2 * (4 + 2),
+            10,
+        ),
+        ("dusa-online", ["tta.mode=online", "runtime.batch_size=2"], 4 + 2, 5),
+    ] {
+        let mut all = vec!["tta.method=dusa", "tta.dusa.lr=1e-3"];
+        all.extend(sets);
+        let o = run(dir.path(), name, input.to_str().unwrap(), &seg_bundle(), &all);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let out = dir.path().join(name);
+        let mut rows = 0;
+        for b in committed_batches(&out, "predictions") {
+            let status = column::<StringArray>(&b, "status");
+            let denoiser = column::<Int64Array>(&b, "denoiser_evals");
+            for r in 0..b.num_rows() {
+                rows += 1;
+                assert_eq!(status.value(r), "ok", "{name}");
+                assert_eq!(denoiser.value(r), evals, "{name}");
+            }
+            assert_eq!(column::<BinaryArray>(&b, "mask_after").null_count(), 0, "{name}");
+            assert_eq!(column::<Float32Array>(&b, "miou_after").null_count(), 0, "{name}");
+        }
+        assert_eq!(rows, 5, "{name}");
+        let step_rows: usize = committed_batches(&out, "steps")
+            .iter()
+            .map(|b| {
+                assert_eq!(column::<Float32Array>(b, "miou").null_count(), 0, "{name}");
+                b.num_rows()
+            })
+            .sum();
+        assert_eq!(step_rows, steps, "{name}");
+    }
+}
+
 #[test]
 fn diffusion_tta_adapts_segmenters_and_depth_networks() {
     let dir = tempfile::tempdir().unwrap();
-    // Five scenes of each test shard.
-    let small = |task: &str| {
-        let src = repo().join(format!("data/demo-{task}/shard-000000.tar"));
-        let all = members(&src);
-        let keys: Vec<String> = all
-            .keys()
-            .filter_map(|k| k.strip_suffix(".png").filter(|k| !k.contains('.')))
-            .map(String::from)
-            .take(5)
-            .collect();
-        let picked: Vec<(String, Vec<u8>)> = all
-            .into_iter()
-            .filter(|(name, _)| keys.iter().any(|k| name.starts_with(&format!("{k}."))))
-            .collect();
-        let path = dir.path().join(format!("{task}.tar"));
-        write_tar(&path, &picked);
-        path
-    };
+    let small = |task: &str| five_scenes(dir.path(), task);
     let knobs = [
         "tta.method=diffusion-tta",
         "tta.steps=2",

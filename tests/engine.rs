@@ -323,6 +323,42 @@ fn matches_the_reference_loop_adamw_l1_topk_text_embeddings() {
     );
 }
 
+/// DUSA's per-pixel form for a segmenter (issue 12): candidates from the mean logits,
+/// a per-pixel mixture resampled from the 6x6 output to the 4x4 latent; episodic (2 Adam
+/// steps) and online (2 batches of 2, a step every batch).
+#[test]
+fn dusa_for_a_segmenter_matches_the_reference_per_pixel_mixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = make_tiny_bundle(tmp.path(), "segmentation", &["--task", "segmentation"]);
+    check_dusa_parity(
+        &b,
+        dusa_cfg(Mode::Episodic, 2, 1, Adapt::ClassifierDiffusion),
+        1,
+        1,
+        &["--mode", "episodic", "--steps", "2", "--accum", "1", "--lr", "1e-3"],
+    );
+    check_dusa_parity(
+        &b,
+        dusa_cfg(Mode::Online, 1, 1, Adapt::Norm),
+        2,
+        2,
+        &[
+            "--mode",
+            "online",
+            "--batch",
+            "2",
+            "--batches",
+            "2",
+            "--accum",
+            "1",
+            "--lr",
+            "1e-3",
+            "--adapt",
+            "norm",
+        ],
+    );
+}
+
 /// Concat conditioning (issue 12): a segmenter's per-pixel class-embedding mixture and a
 /// depth network's normalised map, both resampled from a 6x6 output to the 4x4 latent, so
 /// the bilinear path is compared, not skipped.

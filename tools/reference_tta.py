@@ -18,7 +18,8 @@ DUSA (ALGORITHM.md, "DUSA"), parity mode only:
        [--mode episodic|online] [--steps 2] [--accum 1] [--lr 1e-3] [--timestep 100]
        [--dusa-topk 2] [--random 1] [--batch 2] [--batches 2] [--adapt ...] [--seed 0]
 
-episodic: one image, steps*accum iterations, Adam step every accum iterations; online:
+A segmenter bundle (task segmentation, concat conditioning) gets DUSA's per-pixel form
+(`dusa_image_loss`). episodic: one image, steps*accum iterations, Adam step every accum iterations; online:
 `batches` batches of `batch` images, one iteration per batch, a step every accum batches.
 Per image and iteration one eps (shared by the image's candidates) and one uniform [K]
 draw u; candidates are the top `dusa-topk` logits plus `random` classes drawn without
@@ -196,15 +197,27 @@ def dusa_candidates(logits_row, u_row, k, m):
 
 def dusa_image_loss(logits_row, cand, z0_row, eps_row, t, denoiser, E, abar, C):
     """One image's DUSA loss: its candidates' noise predictions (each under its own
-    class embedding) mixed with p = softmax of the LogitNorm logits at the candidates."""
-    z = logits_row / logits_row.norm()
-    p = z[cand].softmax(-1)
+    class embedding) mixed with p = softmax of the LogitNorm logits at the candidates.
+
+    A segmenter's logits_row is [K,h,w]: LogitNorm and the softmax are per pixel, p is
+    resampled to the latent's size (bilinear, align_corners=False), and candidate j's
+    condition is E_j at every pixel (concat conditioning), so the mixture is per pixel."""
     a = abar[t]
     z_t = a.sqrt() * z0_row + (1 - a).sqrt() * eps_row
     b = len(cand)
-    preds = denoiser(z_t.unsqueeze(0).expand(b, *z_t.shape), torch.full((b,), t, dtype=torch.int64),
-                     E[cand])[:, :C].float()
-    mix = sum(p[j] * preds[j] for j in range(b))
+    steps = torch.full((b,), t, dtype=torch.int64)
+    if logits_row.dim() == 3:
+        z = logits_row / logits_row.norm(dim=0, keepdim=True)
+        p = torch.nn.functional.interpolate(z[cand].softmax(0).unsqueeze(0), size=z0_row.shape[-2:],
+                                            mode="bilinear", align_corners=False)[0]
+        cond = E[cand][:, :, None, None].expand(b, E.shape[1], *z0_row.shape[-2:])
+        preds = denoiser(z_t.unsqueeze(0).expand(b, *z_t.shape), steps, cond)[:, :C].float()
+        mix = sum(p[j].unsqueeze(0) * preds[j] for j in range(b))
+    else:
+        z = logits_row / logits_row.norm()
+        p = z[cand].softmax(-1)
+        preds = denoiser(z_t.unsqueeze(0).expand(b, *z_t.shape), steps, E[cand])[:, :C].float()
+        mix = sum(p[j] * preds[j] for j in range(b))
     return (eps_row - mix).pow(2).mean()
 
 
@@ -246,7 +259,10 @@ def run_dusa(args):
             u = torch.rand(K)
             eps_all.append(eps)
             u_all.append(u)
-            cand = dusa_candidates(logits[row].detach(), u, args.dusa_topk, args.random)
+            # A segmenter's candidates come from its mean logits over pixels.
+            scores = logits[row].detach()
+            scores = scores.mean(dim=(1, 2)) if scores.dim() == 3 else scores
+            cand = dusa_candidates(scores, u, args.dusa_topk, args.random)
             cands.append(torch.tensor(cand))
             total = total + dusa_image_loss(logits[row], cand, z0[i], eps, args.timestep, denoiser, E, abar, C)
         loss = total / len(idx) / accum

@@ -21,10 +21,10 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{per_image, Method};
+use super::{per_image, step_metric, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
-use crate::sample::{Status, Task};
+use crate::sample::Status;
 use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, NoiseSource, SeededNoise};
@@ -130,35 +130,6 @@ impl Adapted {
         }
         o
     }
-}
-
-/// One step's `[pred, conf, entropy, grad_norm]` on the device: the top-1, its
-/// probability and the softmax entropy for a classifier; for a segmenter the per-pixel
-/// mean confidence and entropy with pred -1 (no image-level class); for a depth network
-/// -1, 0, 0.
-fn step_metric(logits: &Tensor, task: Task, grad_norm: &Tensor) -> Tensor {
-    let device = logits.device();
-    let (pred, conf, entropy) = match task {
-        Task::Classification => {
-            let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
-            let (conf, pred) = probs.max_dim(-1, false);
-            let entropy = -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float);
-            (pred.to_kind(Kind::Float), conf, entropy)
-        }
-        Task::Segmentation => {
-            let probs = logits.to_kind(Kind::Float).softmax(1, Kind::Float);
-            let conf = probs.amax(1, false).mean(Kind::Float).view([1]);
-            let entropy = (-(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float))
-                .mean(Kind::Float)
-                .view([1]);
-            (Tensor::from_slice(&[-1f32]).to_device(device), conf, entropy)
-        }
-        Task::Depth => {
-            let fixed = Tensor::from_slice(&[-1f32, 0.0, 0.0]).to_device(device);
-            (fixed.narrow(0, 0, 1), fixed.narrow(0, 1, 1), fixed.narrow(0, 2, 1))
-        }
-    };
-    Tensor::cat(&[pred, conf, entropy, grad_norm.view([1])], 0)
 }
 
 pub struct DiffusionTta {

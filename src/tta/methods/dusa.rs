@@ -8,6 +8,12 @@
 //! distribution as successive draws, and no underflow for confident classifiers).
 //! p = softmax over the candidates' l2-normalised logits (LogitNorm).
 //!
+//! Segmenters (issue 12; concat-conditioned bundles): the candidates are drawn the same
+//! way from the image's mean logits over pixels, p(u) is the per-pixel softmax over the
+//! candidates of the per-pixel LogitNorm logits, resampled to the latent's size
+//! (bilinear, `align_corners = false`), and candidate k's noise prediction is
+//! conditioned on E_k at every pixel: `mean((eps - sum_k p_k(u) eps_phi(x_t, t, E_k)(u))^2)`.
+//!
 //! Draws: per image and iteration one eps (shared by the image's candidates) and one
 //! uniform `[K]` for the Gumbel noise, from torch's generator reseeded per image from
 //! (run seed, key) ([`SeededDraws`]), so an image's draws do not depend on shard layout.
@@ -36,7 +42,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{per_image, step_records, Adapted, Method};
+use super::{per_image, step_metric, step_records, Adapted, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
 use crate::sample::Status;
@@ -44,8 +50,8 @@ use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::schedule::{add_noise, image_seed};
 use crate::tta::{
-    predictions, AfterUpdate, BudgetConfig, Mode, OptimizerKind, Outcome, Precision, Prediction, StepRecord,
-    StopReason, TtaConfig,
+    dense, predictions, AfterUpdate, BudgetConfig, DenseMap, DenseRow, Mode, OptimizerKind, Outcome, Precision,
+    Prediction, StepRecord, StopReason, TtaConfig,
 };
 
 /// Where an image's eps and Gumbel uniforms come from.
@@ -100,7 +106,7 @@ impl DusaDraws for ReplayDraws {
 struct Pass {
     /// Per-image mixture loss `[B]` (not divided by `accum`).
     losses: Tensor,
-    /// The classifier's logits (with gradients) `[B, K]`.
+    /// The classifier's logits (with gradients) `[B, K]` (`[B, K, h, w]` for a segmenter).
     logits: Tensor,
     /// Candidates `[B, b]`.
     candidates: Tensor,
@@ -121,6 +127,8 @@ pub struct DusaImage {
 pub struct DusaBatch {
     pub before: Vec<Prediction>,
     pub after: Vec<Prediction>,
+    /// A segmenter's maps before and after, per image (empty for a classifier).
+    pub dense: Vec<DenseRow>,
     /// Each image's own mixture loss (not divided by `accum`).
     pub image_losses: Vec<f32>,
     /// Entropy of each image's softmax before the update.
@@ -247,31 +255,54 @@ impl Dusa {
         let logits = self.autocast(|| self.classifier.logits(x))?.to_kind(Kind::Float);
         let n = logits.size()[0];
         let b = self.candidates_per_image();
+        let dense = self.classifier.task.is_dense();
         let candidates = tch::no_grad(|| {
-            let top = logits.topk(self.topk, -1, true, true).1;
+            // A segmenter's image-level scores: its mean logits over pixels.
+            let scores = match dense {
+                true => logits.mean_dim([2i64, 3].as_slice(), false, Kind::Float),
+                false => logits.shallow_clone(),
+            };
+            let top = scores.topk(self.topk, -1, true, true).1;
             if self.random == 0 {
                 return top;
             }
             // Gumbel-top-k over the classes outside the top k.
             let gumbel = -(-u.clamp(1e-20, 1.0).log()).log();
-            let keys = (&logits + gumbel).scatter_value(1, &top, f64::NEG_INFINITY);
+            let keys = (&scores + gumbel).scatter_value(1, &top, f64::NEG_INFINITY);
             let drawn = keys.topk(self.random, -1, true, true).1;
             Tensor::cat(&[top, drawn], 1)
         });
-        let normalised = &logits / logits.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
-        let p = normalised.gather(1, &candidates, false).softmax(-1, Kind::Float);
+        // LogitNorm over the class dimension (per pixel for a segmenter), then p over the
+        // candidates: [n, b] or [n, b, H, W] at the latent's size.
+        let normalised = &logits / logits.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+        let latent = self.diffusion.latent_shape.clone();
+        let (p, cond) = if dense {
+            let s = logits.size();
+            let at = candidates.view([n, b, 1, 1]).expand([n, b, s[2], s[3]], false);
+            let mut p = normalised.gather(1, &at, false).softmax(1, Kind::Float);
+            if s[2..] != latent[1..] {
+                p = p.upsample_bilinear2d([latent[1], latent[2]], false, None, None);
+            }
+            let e = self.diffusion.embeddings.index_select(0, &candidates.flatten(0, -1));
+            let d = e.size()[1];
+            let cond = e.view([n * b, d, 1, 1]).expand([n * b, d, latent[1], latent[2]], false);
+            (p.unsqueeze(2), cond)
+        } else {
+            let p = normalised.gather(1, &candidates, false).softmax(-1, Kind::Float);
+            let mut weights = vec![n, b];
+            weights.extend(vec![1; eps.dim() - 1]);
+            let cond = self.diffusion.embeddings.index_select(0, &candidates.flatten(0, -1));
+            (p.view(weights.as_slice()), cond)
+        };
         let t = Tensor::full([n], self.timestep, (Kind::Int64, logits.device()));
         let z_t = add_noise(&self.diffusion.alphas_cumprod, z0, &t, eps);
         let z_t = z_t.repeat_interleave_self_int(b, Some(0), None::<i64>);
-        let cond = self.diffusion.embeddings.index_select(0, &candidates.flatten(0, -1));
         let t = Tensor::full([n * b], self.timestep, (Kind::Int64, logits.device()));
         let predicted = self.autocast(|| self.diffusion.predict_noise(&z_t, &t, &cond))?;
         let mut shape = vec![n, b];
         shape.extend_from_slice(&eps.size()[1..]);
         let predicted = predicted.to_kind(Kind::Float).view(shape.as_slice());
-        let mut weights = vec![n, b];
-        weights.extend(vec![1; eps.dim() - 1]);
-        let mixture = (p.view(weights.as_slice()) * predicted).sum_dim_intlist(1, false, Kind::Float);
+        let mixture = (p * predicted).sum_dim_intlist(1, false, Kind::Float);
         let losses = (mixture - eps).square().flatten(1, -1).mean_dim(1, false, Kind::Float);
         Ok(Pass {
             losses,
@@ -292,7 +323,8 @@ impl Dusa {
         let z0 = self.encode(&[gen])?;
         let latent = self.diffusion.latent_shape.clone();
         let classes = self.classifier.num_classes as i64;
-        let before = self.predict(&x)?;
+        let (task, crop) = (self.classifier.task, self.classifier.view.crop);
+        let (before, before_map) = self.predict(&x)?;
         let mut gate = self.budget.start(&before);
         if let Some(reason) = gate.skip() {
             return Ok(DusaImage {
@@ -306,6 +338,7 @@ impl Dusa {
         let mut candidates = Vec::with_capacity(self.steps * self.accum);
         let mut step_metrics: Vec<Tensor> = Vec::with_capacity(self.steps);
         let mut step_host: Vec<(f32, f64)> = Vec::with_capacity(self.steps);
+        let mut step_maps: Vec<DenseMap> = Vec::new();
         let mut diverged = None;
         let mut stop_reason = StopReason::None;
         let b = self.candidates_per_image() as u64;
@@ -337,9 +370,14 @@ impl Dusa {
             let grad_norm = self.params.grad_norm();
             self.optimizer.step(&self.params.tensors)?;
             self.params.zero_grad();
-            step_metrics.push(step_metrics_row(&seen.expect("accum >= 1"), &grad_norm));
+            let seen = seen.expect("accum >= 1");
+            if task.is_dense() {
+                // Scored against the label by the writer (the steps table's metrics).
+                step_maps.extend(dense::maps(&seen, task, crop)?);
+            }
+            step_metrics.push(step_metric(&seen, task, &grad_norm.to_device(device)));
             step_host.push((step_loss as f32, started.elapsed().as_secs_f64() * 1e3));
-            match gate.after_update(step, self.steps, || self.predict(&x))? {
+            match gate.after_update(step, self.steps, || Ok::<_, tch::TchError>(self.predict(&x)?.0))? {
                 AfterUpdate::Continue => {}
                 AfterUpdate::Stop(reason) => {
                     stop_reason = reason;
@@ -352,16 +390,21 @@ impl Dusa {
             }
         }
         self.params.zero_grad();
-        let after = match (&diverged, gate.take_prediction()) {
-            (Some(_), _) => before.clone(),
-            // The weights have not changed since that prediction.
-            (None, Some(p)) => p,
+        let (after, after_map) = match (&diverged, gate.take_prediction()) {
+            (Some(_), _) => (before.clone(), None),
+            // The weights have not changed since that prediction (budgets are refused
+            // for dense tasks, so there is no map to carry).
+            (None, Some(p)) => (p, None),
             (None, None) => self.predict(&x)?,
         };
         if diverged.is_some() {
             self.reset();
             stop_reason = StopReason::Diverged;
         }
+        let dense = before_map.map(|b| {
+            let a = after_map.filter(|_| diverged.is_none()).unwrap_or_else(|| b.clone());
+            DenseRow::new(crop, b, a).with_steps(step_maps)
+        });
         let steps = step_records(&step_metrics, &step_host, self.optimizer.lr() as f32)?;
         Ok(DusaImage {
             image: Adapted {
@@ -373,7 +416,7 @@ impl Dusa {
                 denoiser_evals: gate.evals(),
                 stop_reason,
                 elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-                dense: None,
+                dense,
             },
             candidates,
         })
@@ -402,7 +445,7 @@ impl Dusa {
             })
             .unzip();
         let pass = self.pass(&x, &z0, &Tensor::cat(&eps, 0), &Tensor::cat(&u, 0))?;
-        let before = predictions(&pass.logits, self.report_topk)?;
+        let (before, before_maps) = self.outputs(&pass.logits.detach())?;
         let image_losses = Vec::<f32>::try_from(pass.losses.detach().to_device(Device::Cpu))?;
         let entropies = Vec::<f32>::try_from(entropy(&pass.logits.detach()).to_device(Device::Cpu))?;
         let candidates = Vec::<i64>::try_from(pass.candidates.flatten(0, -1).to_device(Device::Cpu))?
@@ -414,7 +457,12 @@ impl Dusa {
         let denoiser_evals = self.candidates_per_image() as u64;
         if !loss_value.is_finite() {
             // Caught before the backward pass: no gradient and no weight changed.
+            let crop = self.classifier.view.crop;
             return Ok(DusaBatch {
+                dense: before_maps
+                    .into_iter()
+                    .map(|m| DenseRow::new(crop, m.clone(), m))
+                    .collect(),
                 after: before.clone(),
                 before,
                 image_losses,
@@ -436,8 +484,15 @@ impl Dusa {
             self.step_pending()?;
         }
         let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(&x)))?;
-        let after = predictions(&logits, self.report_topk)?;
+        let (after, after_maps) = self.outputs(&logits)?;
+        let crop = self.classifier.view.crop;
         Ok(DusaBatch {
+            dense: before_maps
+                .into_iter()
+                .zip(after_maps)
+                // The batch's one iteration saw the maps before the update.
+                .map(|(b, a)| DenseRow::new(crop, b.clone(), a).with_steps(vec![b]))
+                .collect(),
             before,
             after,
             image_losses,
@@ -462,10 +517,23 @@ impl Dusa {
         Ok(())
     }
 
-    /// The classifier's prediction for `x` as the weights are now, without gradients.
-    fn predict(&self, x: &Tensor) -> Result<Prediction, tch::TchError> {
+    /// The classifier's prediction for one image `x` as the weights are now, without
+    /// gradients; a segmenter's is a placeholder and its map.
+    fn predict(&self, x: &Tensor) -> Result<(Prediction, Option<DenseMap>), tch::TchError> {
         let logits = tch::no_grad(|| self.autocast(|| self.classifier.logits(x)))?;
-        Ok(predictions(&logits, self.report_topk)?.remove(0))
+        let (mut p, maps) = self.outputs(&logits)?;
+        Ok((p.remove(0), maps.into_iter().next()))
+    }
+
+    /// Host predictions of a batch's `logits`: top-k rows for a classifier; for a
+    /// segmenter placeholders (no image-level class) and the maps at crop size.
+    fn outputs(&self, logits: &Tensor) -> Result<(Vec<Prediction>, Vec<DenseMap>), tch::TchError> {
+        let task = self.classifier.task;
+        if !task.is_dense() {
+            return Ok((predictions(logits, self.report_topk)?, Vec::new()));
+        }
+        let maps = dense::maps(logits, task, self.classifier.view.crop)?;
+        Ok((vec![Prediction::placeholder(); maps.len()], maps))
     }
 
     /// Back to the weights and optimizer state from before the first image.
@@ -515,6 +583,7 @@ impl Dusa {
         };
         let ms = r.elapsed_ms / usable.len() as f64;
         let lr = self.optimizer.lr() as f32;
+        let mut dense_rows = r.dense.into_iter();
         let mut rows = r
             .before
             .into_iter()
@@ -542,6 +611,7 @@ impl Dusa {
                 }];
                 o.set_before(&before);
                 o.set_after(after);
+                o.dense = dense_rows.next();
                 o.loss_first = Some(loss);
                 o.loss_last = Some(loss);
                 o.steps = 1;
@@ -558,26 +628,15 @@ impl Dusa {
     }
 }
 
-/// Entropy of each row's softmax, `[B]`.
+/// Entropy of each image's softmax over classes (dimension 1), `[B]`; a segmenter's is
+/// the mean over its pixels.
 fn entropy(logits: &Tensor) -> Tensor {
-    let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
-    -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float)
-}
-
-/// `[pred, conf, entropy, grad_norm]` of a step, on the device (no sync).
-fn step_metrics_row(logits: &Tensor, grad_norm: &Tensor) -> Tensor {
-    let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
-    let (conf, pred) = probs.max_dim(-1, false);
-    let entropy = entropy(logits);
-    Tensor::cat(
-        &[
-            pred.to_kind(Kind::Float),
-            conf,
-            entropy,
-            grad_norm.to_device(probs.device()).view([1]),
-        ],
-        0,
-    )
+    let probs = logits.to_kind(Kind::Float).softmax(1, Kind::Float);
+    let per = -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float);
+    match per.dim() {
+        1 => per,
+        _ => per.flatten(1, -1).mean_dim(1, false, Kind::Float),
+    }
 }
 
 impl Method for Dusa {

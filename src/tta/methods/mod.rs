@@ -13,7 +13,7 @@ pub use dusa::{Dusa, DusaBatch, DusaDraws, DusaImage, ReplayDraws, SeededDraws};
 pub use source::Source;
 pub use tent::Tent;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::params::AdaptedParams;
 use super::{DenseRow, MethodName, Outcome, Precision, Prediction, StepRecord, TtaConfig};
@@ -85,14 +85,14 @@ pub fn build(
     let task = bundle.spec.task;
     let dense_ready = match tta.method {
         MethodName::Source | MethodName::DiffusionTta => true,
-        MethodName::Tent => task != Task::Depth,
-        _ => false,
+        MethodName::Tent | MethodName::Dusa => task != Task::Depth,
+        MethodName::DiffusionClassifier => false,
     };
     if task.is_dense() && !dense_ready {
         let why = match tta.method {
-            MethodName::DiffusionClassifier => "it scores one class per image and has no per-pixel form",
             MethodName::Tent => "it minimises class entropy, and a depth model has no classes",
-            _ => "its dense form is not built yet (issue 12); use source, tent or diffusion-tta",
+            MethodName::Dusa => "it mixes class-conditional noise predictions, and a depth model has no classes",
+            _ => "it scores one class per image and has no per-pixel form",
         };
         return Err(BuildError::Unsupported {
             method: tta.method_column(),
@@ -256,6 +256,35 @@ fn assemble_dense(batch: &[Prepared], rows: Vec<DenseRow>, per_image_ms: f64) ->
     assemble_with(batch, per_image_ms, |o| {
         o.dense = Some(rows.next().expect("one dense prediction per image"));
     })
+}
+
+/// One step's `[pred, conf, entropy, grad_norm]` on the device: the top-1, its
+/// probability and the softmax entropy for a classifier; for a segmenter the per-pixel
+/// mean confidence and entropy with pred -1 (no image-level class); for a depth network
+/// -1, 0, 0.
+pub(super) fn step_metric(logits: &Tensor, task: Task, grad_norm: &Tensor) -> Tensor {
+    let device = logits.device();
+    let (pred, conf, entropy) = match task {
+        Task::Classification => {
+            let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
+            let (conf, pred) = probs.max_dim(-1, false);
+            let entropy = -(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(-1, false, Kind::Float);
+            (pred.to_kind(Kind::Float), conf, entropy)
+        }
+        Task::Segmentation => {
+            let probs = logits.to_kind(Kind::Float).softmax(1, Kind::Float);
+            let conf = probs.amax(1, false).mean(Kind::Float).view([1]);
+            let entropy = (-(&probs * probs.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float))
+                .mean(Kind::Float)
+                .view([1]);
+            (Tensor::from_slice(&[-1f32]).to_device(device), conf, entropy)
+        }
+        Task::Depth => {
+            let fixed = Tensor::from_slice(&[-1f32, 0.0, 0.0]).to_device(device);
+            (fixed.narrow(0, 0, 1), fixed.narrow(0, 1, 1), fixed.narrow(0, 2, 1))
+        }
+    };
+    Tensor::cat(&[pred, conf, entropy, grad_norm.view([1])], 0)
 }
 
 /// Steps rows from the per-step `[pred, conf, entropy, grad_norm]` device metrics (one host copy) and host values.
