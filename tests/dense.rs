@@ -147,7 +147,14 @@ fn segmentation_columns_match_the_masks_and_labels() {
         "{json}"
     );
     assert_eq!(rows[0]["images"], 100);
-    assert!(std::fs::read_to_string(&page).unwrap().contains("<h2>Dense tasks</h2>"));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<h2>Dense tasks</h2>"));
+    // Its heatmap shows the same mIoU, one cell per variant (here: clean).
+    let cell = format!(">{:.1}</text>", miou * 100.0);
+    assert!(
+        html.contains("aria-label=\"dense mIoU\"") && html.contains(&cell),
+        "{cell}"
+    );
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! Dense tasks: dataset-level segmentation and depth metrics per method and variant,
 //! from the commit markers' sums (mIoU from per-class intersections and unions summed
-//! over the dataset; depth errors over all valid pixels), before and after adaptation.
+//! over the dataset; depth errors over all valid pixels), before and after adaptation, and
+//! heatmaps of mIoU and depth delta1 per method and variant.
 
 use std::fmt::Write;
 
 use serde::Serialize;
 
+use super::robustness::figure;
 use super::rows::Committed;
-use super::svg::esc;
+use super::svg::{esc, heatmap};
 use crate::sample::Variant;
 
 /// One (method, variant) cell group.
@@ -66,6 +68,37 @@ pub fn compute(c: &Committed) -> Dense {
     Dense { rows }
 }
 
+/// A heatmap of `value` (in %) per series and variant, `None` when no row has it.
+fn chart(d: &Dense, value: fn(&DenseRow) -> Option<f64>, label: &str) -> Option<String> {
+    let rows: Vec<&DenseRow> = d.rows.iter().filter(|r| value(r).is_some()).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let mut series: Vec<String> = Vec::new();
+    let mut variants: Vec<String> = Vec::new();
+    for r in &rows {
+        if !series.contains(&r.series) {
+            series.push(r.series.clone());
+        }
+        if !variants.contains(&r.variant) {
+            variants.push(r.variant.clone());
+        }
+    }
+    let cells: Vec<Vec<Option<f64>>> = series
+        .iter()
+        .map(|s| {
+            variants
+                .iter()
+                .map(|v| {
+                    let row = rows.iter().find(|r| &r.series == s && &r.variant == v)?;
+                    value(row).map(|x| x / 100.0)
+                })
+                .collect()
+        })
+        .collect();
+    Some(heatmap(&series, &variants, &cells, label))
+}
+
 pub fn render(d: &Dense) -> String {
     let mut h = String::new();
     let f = |v: Option<f64>, digits: usize| v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"));
@@ -102,5 +135,19 @@ pub fn render(d: &Dense) -> String {
          unadapted model on the same images. The Top-1 sections above do not apply to dense outputs.</p>",
         d.rows.len()
     );
+    let miou: fn(&DenseRow) -> Option<f64> = |r| r.miou_after;
+    let delta1: fn(&DenseRow) -> Option<f64> = |r| r.delta1_after.map(|v| v * 100.0);
+    for (metric, label, value) in [
+        ("mIoU after adaptation (%)", "dense mIoU", miou),
+        ("depth \u{3b4}1 after adaptation (%)", "dense delta1", delta1),
+    ] {
+        if let Some(chart) = chart(d, value, label) {
+            let caption = format!(
+                "{metric} per method (rows) and variant (columns), from the table above; darker is higher, \
+                 and higher is better."
+            );
+            figure(&mut h, &chart, &caption);
+        }
+    }
     h
 }
