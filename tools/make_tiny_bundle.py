@@ -118,37 +118,7 @@ def main():
     torch.jit.script(TinyDenoiser(args.text_embeddings).eval()).save(os.path.join(args.out_dir, "denoiser.pt"))
     shape = (K, T_TOKENS, D) if args.text_embeddings else (K, D)
     save_file({"embeddings": torch.randn(*shape)}, os.path.join(args.out_dir, "class_embeddings.safetensors"))
-    with open(os.path.join(args.out_dir, "bundle.toml"), "w") as f:
-        f.write(f"""# Tiny random-weight bundle for tests (tools/make_tiny_bundle.py).
-name = "tiny"
-
-[classifier]
-file = "classifier.pt"
-num_classes = {K}
-head = ["fc.weight", "fc.bias"]
-norm = ["bn.weight", "bn.bias"]
-
-[classifier.preprocess]
-channels = 3
-resize = 8
-crop = 8
-mean = [0.5, 0.5, 0.5]
-std = [0.25, 0.25, 0.25]
-
-[diffusion]
-denoiser = "denoiser.pt"
-class_embeddings = "class_embeddings.safetensors"
-encoder = "encoder.pt"
-latent_scale = 0.5
-channels = 3
-resolution = 8
-
-[diffusion.schedule]
-kind = "linear"
-beta_start = 0.0001
-beta_end = 0.02
-steps = 1000
-""")
+    write_toml(args.out_dir, "tiny", None, K, "fc", 'class_embeddings = "class_embeddings.safetensors"')
 
 
 def write_dense(args):
@@ -165,15 +135,21 @@ def write_dense(args):
     else:
         save_file({"embeddings": torch.randn(K, D)}, os.path.join(args.out_dir, "class_embeddings.safetensors"))
         condition = 'class_embeddings = "class_embeddings.safetensors"'
-    with open(os.path.join(args.out_dir, "bundle.toml"), "w") as f:
-        f.write(f"""# Tiny random-weight {args.task} bundle for tests (tools/make_tiny_bundle.py).
-name = "tiny-{args.task}"
-task = "{args.task}"
+    write_toml(args.out_dir, f"tiny-{args.task}", args.task, 1 if depth else K, "head", 'condition = "concat"\n' + condition)
 
+
+def write_toml(out_dir, name, task, num_classes, head, diffusion_keys):
+    """bundle.toml: the shared 8x8 preprocessing, encoder and schedule; `head` names the
+    final layer, `diffusion_keys` are the condition's lines."""
+    task_line = f'task = "{task}"\n' if task else ""
+    with open(os.path.join(out_dir, "bundle.toml"), "w") as f:
+        f.write(f"""# Tiny random-weight bundle for tests (tools/make_tiny_bundle.py).
+name = "{name}"
+{task_line}
 [classifier]
 file = "classifier.pt"
-num_classes = {1 if depth else K}
-head = ["head.weight", "head.bias"]
+num_classes = {num_classes}
+head = ["{head}.weight", "{head}.bias"]
 norm = ["bn.weight", "bn.bias"]
 
 [classifier.preprocess]
@@ -185,8 +161,7 @@ std = [0.25, 0.25, 0.25]
 
 [diffusion]
 denoiser = "denoiser.pt"
-condition = "concat"
-{condition}
+{diffusion_keys}
 encoder = "encoder.pt"
 latent_scale = 0.5
 channels = 3
