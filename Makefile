@@ -15,13 +15,14 @@ TOOLS := .tools
 S3S_FS := $(TOOLS)/bin/s3s-fs
 AZURITE := $(TOOLS)/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: help setup browser build demo demo-seg demo-depth test eval bench check-python fmt clean
+.PHONY: help setup browser build demo demo-seg demo-depth test eval eval-classification eval-dense bench check-python fmt clean
 
 help:
 	@echo "make demo   set up, build, run the demo pipeline, summarize its output"
 	@echo "make test   set up, build, run every test"
 	@echo "make demo-seg, make demo-depth   the dense demos (segmentation, depth) under 4 corruptions"
 	@echo "make eval   robustness evaluation: every method under 15 corruptions (README, \"Does it work?\")"
+	@echo "            (make eval-classification, make eval-dense: one half each)"
 	@echo "make bench  the performance figures, each against its baseline (README, \"Performance\")"
 
 # Reuses an existing .venv; reinstalls only when tools/requirements.txt changes.
@@ -93,7 +94,9 @@ EVAL_OUT := out/robustness
 EVAL_ADAPTIVE := --set tta.budget.skip_conf=0.9
 EVAL_DUSA_ONLINE := --set tta.method=dusa --set tta.mode=online --set runtime.batch_size=8 --set tta.dusa.lr=1e-4
 EVAL_DUSA_EPISODIC := --set tta.method=dusa --set tta.dusa.steps=3 --set tta.dusa.lr=1e-4
-eval: build
+eval: eval-classification eval-dense
+
+eval-classification: build
 	rm -rf $(EVAL_OUT)
 	for method in source tent diffusion-classifier diffusion-tta; do \
 	  $(BIN) run pipelines/robustness-eval.toml --no-progress \
@@ -110,6 +113,28 @@ eval: build
 	@echo
 	$(BIN) summarize $(EVAL_OUT)/
 	$(BIN) report $(EVAL_OUT)/ -o $(EVAL_OUT)/report.html
+
+# The dense tables (pipelines/robustness-eval-seg.toml, -depth.toml): 100 test scenes per
+# task, clean and under the 15 corruptions at severity 3, one output per method, one
+# table per task (dataset-level mIoU, or AbsRel).
+# DUSA's setting for the segmenter, chosen on validation scenes (README, "Dense evaluation").
+EVAL_DENSE_DUSA := --set tta.method=dusa --set tta.mode=online --set runtime.batch_size=8 --set tta.dusa.lr=1e-4
+eval-dense: build
+	rm -rf out/robustness-seg out/robustness-depth
+	for method in source tent diffusion-tta; do \
+	  $(BIN) run pipelines/robustness-eval-seg.toml --no-progress \
+	    --set tta.method=$$method --set output.url=out/robustness-seg/$$method/ || exit 1; \
+	done
+	$(BIN) run pipelines/robustness-eval-seg.toml --no-progress $(EVAL_DENSE_DUSA) \
+	  --set output.url=out/robustness-seg/dusa-online/
+	for method in source diffusion-tta; do \
+	  $(BIN) run pipelines/robustness-eval-depth.toml --no-progress \
+	    --set tta.method=$$method --set output.url=out/robustness-depth/$$method/ || exit 1; \
+	done
+	@echo
+	$(BIN) summarize out/robustness-seg/
+	@echo
+	$(BIN) summarize out/robustness-depth/
 
 bench: build
 	bench/run.sh

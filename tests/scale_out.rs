@@ -332,7 +332,14 @@ fn the_kubernetes_manifest_runs_an_indexed_job_per_night() {
 
     let sbatch = std::fs::read_to_string(repo().join("pipelines/slurm/robustness-eval.sbatch")).unwrap();
     assert!(sbatch.contains("#SBATCH --array=") && sbatch.contains("dtta run pipelines/robustness-eval.toml"));
-    for pipeline in ["nightly-relabel.toml", "robustness-eval.toml"] {
+    for pipeline in [
+        "nightly-relabel.toml",
+        "robustness-eval.toml",
+        "robustness-eval-seg.toml",
+        "robustness-eval-depth.toml",
+        "demo-seg.toml",
+        "demo-depth.toml",
+    ] {
         let path = repo().join("pipelines").join(pipeline);
         dtta::config::PipelineConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{pipeline}: {e}"));
     }
