@@ -116,7 +116,7 @@ eval-classification: build
 
 # The dense tables (pipelines/robustness-eval-seg.toml, -depth.toml): 100 test scenes per
 # task, clean and under the 15 corruptions at severity 3, one output per method, one
-# table per task (dataset-level mIoU, or AbsRel).
+# table per task (dataset-level mIoU, or AbsRel) and one HTML report per task.
 # DUSA's setting for the segmenter, chosen on validation scenes (README, "Dense evaluation").
 EVAL_DENSE_DUSA := --set tta.method=dusa --set tta.mode=online --set runtime.batch_size=8 --set tta.dusa.lr=1e-4
 eval-dense: build
@@ -135,6 +135,8 @@ eval-dense: build
 	$(BIN) summarize out/robustness-seg/
 	@echo
 	$(BIN) summarize out/robustness-depth/
+	$(BIN) report out/robustness-seg/ -o out/robustness-seg/report.html
+	$(BIN) report out/robustness-depth/ -o out/robustness-depth/report.html
 
 bench: build
 	bench/run.sh
