@@ -31,8 +31,10 @@ $(STAMP): tools/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tools/requirements.txt
 	@touch $@
 
+# A debug build: a loopback test server needs no optimiser, and it compiles in half the
+# time (94 s against 182 s on 2 cores), which is on a fresh CI run's critical path.
 $(S3S_FS):
-	cargo install --quiet --root $(TOOLS) s3s-fs --version 0.14.1 --features binary
+	cargo install --quiet --debug --root $(TOOLS) s3s-fs --version 0.14.1 --features binary
 
 # Azurite 3.35.0: 3.36+ needs a newer Node than Debian's.
 $(AZURITE):

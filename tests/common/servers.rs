@@ -107,7 +107,7 @@ impl S3 {
     pub fn start() -> S3 {
         let bin = tool(
             ".tools/bin/s3s-fs",
-            "cargo install --root .tools s3s-fs --version 0.14.1 --features binary",
+            "cargo install --debug --root .tools s3s-fs --version 0.14.1 --features binary",
         );
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
