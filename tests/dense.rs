@@ -71,13 +71,39 @@ fn list(a: &ListArray, r: usize) -> Vec<i64> {
     v.as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec()
 }
 
+/// Runs `source` over the task's test shard 0 into `DIR/source`; the shard's members.
+fn run_source(dir: &Path, task: &str) -> BTreeMap<String, Vec<u8>> {
+    let shard = repo().join(format!("data/demo-{task}/shard-000000.tar"));
+    let bundle = if task == "seg" { seg_bundle() } else { depth_bundle() };
+    let o = run(dir, "source", shard.to_str().unwrap(), &bundle, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    members(&shard)
+}
+
+/// Checks every predictions row below `out`: status ok, `evals` denoiser evaluations and
+/// a `map` column; returns how many rows there are.
+fn adapted_rows(out: &Path, name: &str, evals: i64, map: &str) -> usize {
+    let mut rows = 0;
+    for b in committed_batches(out, "predictions") {
+        let status = column::<StringArray>(&b, "status");
+        let loss = column::<Float32Array>(&b, "loss_last");
+        let denoiser = column::<Int64Array>(&b, "denoiser_evals");
+        let maps = column::<BinaryArray>(&b, map);
+        for r in 0..b.num_rows() {
+            rows += 1;
+            assert_eq!(status.value(r), "ok", "{name}");
+            assert!(loss.value(r).is_finite(), "{name}");
+            assert_eq!(denoiser.value(r), evals, "{name}: denoiser evaluations");
+            assert!(maps.is_valid(r), "{name}");
+        }
+    }
+    rows
+}
+
 #[test]
 fn segmentation_columns_match_the_masks_and_labels() {
     let dir = tempfile::tempdir().unwrap();
-    let shard = repo().join("data/demo-seg/shard-000000.tar");
-    let o = run(dir.path(), "source", shard.to_str().unwrap(), &seg_bundle(), &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let labels = members(&shard);
+    let labels = run_source(dir.path(), "seg");
     let (mut inter, mut union) = (vec![0i64; 11], vec![0i64; 11]);
     let mut rows = 0;
     for b in committed_batches(&dir.path().join("source"), "predictions") {
@@ -160,10 +186,7 @@ fn segmentation_columns_match_the_masks_and_labels() {
 #[test]
 fn depth_columns_match_the_maps_and_labels() {
     let dir = tempfile::tempdir().unwrap();
-    let shard = repo().join("data/demo-depth/shard-000000.tar");
-    let o = run(dir.path(), "source", shard.to_str().unwrap(), &depth_bundle(), &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let labels = members(&shard);
+    let labels = run_source(dir.path(), "depth");
     let mut rows = 0;
     for b in committed_batches(&dir.path().join("source"), "predictions") {
         let key = column::<StringArray>(&b, "key");
@@ -406,19 +429,10 @@ fn dusa_adapts_segmenters_episodic_and_online() {
         let o = run(dir.path(), name, input.to_str().unwrap(), &seg_bundle(), &all);
         assert!(o.status.success(), "{name}: {}", text(&o));
         let out = dir.path().join(name);
-        let mut rows = 0;
+        assert_eq!(adapted_rows(&out, name, evals, "mask_after"), 5, "{name}");
         for b in committed_batches(&out, "predictions") {
-            let status = column::<StringArray>(&b, "status");
-            let denoiser = column::<Int64Array>(&b, "denoiser_evals");
-            for r in 0..b.num_rows() {
-                rows += 1;
-                assert_eq!(status.value(r), "ok", "{name}");
-                assert_eq!(denoiser.value(r), evals, "{name}");
-            }
-            assert_eq!(column::<BinaryArray>(&b, "mask_after").null_count(), 0, "{name}");
             assert_eq!(column::<Float32Array>(&b, "miou_after").null_count(), 0, "{name}");
         }
-        assert_eq!(rows, 5, "{name}");
         let step_rows: usize = committed_batches(&out, "steps")
             .iter()
             .map(|b| {
@@ -470,21 +484,8 @@ fn diffusion_tta_adapts_segmenters_and_depth_networks() {
         let o = run(dir.path(), name, input.to_str().unwrap(), &bundle, &sets);
         assert!(o.status.success(), "{name}: {}", text(&o));
         let out = dir.path().join(name);
-        let mut rows = 0;
-        for b in committed_batches(&out, "predictions") {
-            let status = column::<StringArray>(&b, "status");
-            let loss = column::<Float32Array>(&b, "loss_last");
-            let evals = column::<Int64Array>(&b, "denoiser_evals");
-            let maps = column::<BinaryArray>(&b, map);
-            for r in 0..b.num_rows() {
-                rows += 1;
-                assert_eq!(status.value(r), "ok", "{name}");
-                assert!(loss.value(r).is_finite(), "{name}");
-                assert_eq!(evals.value(r), 2 * 2 * 4, "{name}: steps x accum x samples");
-                assert!(maps.is_valid(r), "{name}");
-            }
-        }
-        assert_eq!(rows, 5, "{name}");
+        // steps x accum x samples evaluations per image.
+        assert_eq!(adapted_rows(&out, name, 2 * 2 * 4, map), 5, "{name}");
         // Two steps per image in the steps table, with no image-level class.
         let steps: Vec<i64> = committed_batches(&out, "steps")
             .iter()

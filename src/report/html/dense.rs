@@ -14,7 +14,7 @@ use crate::sample::Variant;
 
 /// One (method, variant) cell group.
 #[derive(Debug, Clone, Serialize)]
-pub struct DenseRow {
+pub struct DenseTableRow {
     pub series: String,
     pub variant: String,
     /// Images scored against a label, and their labelled (or valid) pixels.
@@ -33,16 +33,16 @@ pub struct DenseRow {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Dense {
-    pub rows: Vec<DenseRow>,
+    pub rows: Vec<DenseTableRow>,
 }
 
 pub fn compute(c: &Committed) -> Dense {
-    let mut rows: Vec<DenseRow> = c
+    let mut rows: Vec<DenseTableRow> = c
         .dense
         .iter()
         .map(|((series, variant), d)| {
             let (before, after) = (d.depth(false), d.depth(true));
-            DenseRow {
+            DenseTableRow {
                 series: c.series[*series].clone(),
                 variant: variant.clone(),
                 images: d.scored,
@@ -69,8 +69,8 @@ pub fn compute(c: &Committed) -> Dense {
 }
 
 /// A heatmap of `value` (in %) per series and variant, `None` when no row has it.
-fn chart(d: &Dense, value: fn(&DenseRow) -> Option<f64>, label: &str) -> Option<String> {
-    let rows: Vec<&DenseRow> = d.rows.iter().filter(|r| value(r).is_some()).collect();
+fn chart(d: &Dense, value: fn(&DenseTableRow) -> Option<f64>, label: &str) -> Option<String> {
+    let rows: Vec<&DenseTableRow> = d.rows.iter().filter(|r| value(r).is_some()).collect();
     if rows.is_empty() {
         return None;
     }
@@ -135,8 +135,8 @@ pub fn render(d: &Dense) -> String {
          unadapted model on the same images. The Top-1 sections above do not apply to dense outputs.</p>",
         d.rows.len()
     );
-    let miou: fn(&DenseRow) -> Option<f64> = |r| r.miou_after;
-    let delta1: fn(&DenseRow) -> Option<f64> = |r| r.delta1_after.map(|v| v * 100.0);
+    let miou: fn(&DenseTableRow) -> Option<f64> = |r| r.miou_after;
+    let delta1: fn(&DenseTableRow) -> Option<f64> = |r| r.delta1_after.map(|v| v * 100.0);
     for (metric, label, value) in [
         ("mIoU after adaptation (%)", "dense mIoU", miou),
         ("depth \u{3b4}1 after adaptation (%)", "dense delta1", delta1),
