@@ -123,6 +123,47 @@ fn corrupt_section_expands_samples_into_variants_with_one_stream_each() {
             .any(|l| l.starts_with("source,contrast,5,200,200,") && l.contains(&contrast5)),
         "{csv}"
     );
+
+    // The report: gains over source, the pooled interval resampling the 200 images (each
+    // with its 4 corrupted variants), and the page saying so.
+    let report = |out: &std::path::Path, name: &str| {
+        let page = tmp.path().join(name);
+        let o = run_dtta(&["report", &format!("{}/", out.display()), "-o", page.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("_runs/report.json")).unwrap()).unwrap();
+        (std::fs::read_to_string(&page).unwrap(), json)
+    };
+    let (html, json) = report(&eval, "report.html");
+    assert_eq!(json["robustness"]["reference"], "source");
+    let pooled = json["robustness"]["gains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["series"] == "tent" && g["variant"] == "all corrupted")
+        .unwrap();
+    assert_eq!(
+        (&pooled["pairs"], &pooled["images"]),
+        (&800.into(), &200.into()),
+        "{pooled}"
+    );
+    let unit = "bootstrap over images; an image&#39;s variants are resampled together";
+    assert!(html.contains(unit), "{html}");
+    assert!(html.contains("over 800 pairs of 200 images"), "{html}");
+    assert!(!html.contains("no source series given"), "{html}");
+
+    // Without the source output, TENT's gains are against its live stream's pred_before:
+    // the page must not call that an unadapted reference.
+    let (html, json) = report(&eval.join("tent"), "tent-only.html");
+    assert_eq!(json["robustness"]["live_reference"], serde_json::json!(["tent"]));
+    assert!(
+        html.contains("tent (against the live stream&#39;s pred_before: no source series given)"),
+        "{html}"
+    );
+    assert!(
+        html.contains("no unadapted reference for the online method(s) tent"),
+        "{html}"
+    );
 }
 
 #[test]

@@ -1,6 +1,9 @@
-//! The paired bootstrap behind the gain intervals: resample the paired differences
-//! (method minus reference, one per key) with replacement, take the mean of each
-//! resample, and report the percentile interval.
+//! The bootstrap behind the gain intervals: resample IMAGES with replacement, take the
+//! mean over all the paired differences (method minus reference) of the drawn images, and
+//! report the percentile interval. An image contributes one difference per variant it
+//! appears under; those differences are not independent (the same picture, the same
+//! label), so an image's variants are resampled together ([`clustered`]). Resampling
+//! them as independent pairs would make the interval of a pool of variants too narrow.
 //!
 //! The generator is SplitMix64, written out here so that an interval depends only on the
 //! data, the seed and the resample count, never on a crate's version.
@@ -20,13 +23,19 @@ pub struct Spec {
     pub seed: u64,
     pub resamples: usize,
     pub level: f64,
+    /// The resampling unit, in words.
+    pub unit: &'static str,
 }
 
 pub const SPEC: Spec = Spec {
     seed: SEED,
     resamples: RESAMPLES,
     level: LEVEL,
+    unit: UNIT,
 };
+
+/// What one bootstrap draw picks, as the page states it.
+pub const UNIT: &str = "bootstrap over images; an image's variants are resampled together";
 
 /// A mean with its percentile-bootstrap interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -65,6 +74,41 @@ pub fn paired(diffs: &[f64], spec: Spec) -> Option<Interval> {
     let mut rng = SplitMix64(spec.seed);
     let mut means: Vec<f64> = (0..spec.resamples.max(1))
         .map(|_| (0..n).map(|_| diffs[rng.below(n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let tail = (1.0 - spec.level) / 2.0;
+    Some(Interval {
+        mean,
+        low: quantile_sorted(&means, tail),
+        high: quantile_sorted(&means, 1.0 - tail),
+    })
+}
+
+/// The mean over every difference of `clusters` (one cluster per image: its differences
+/// under every variant) and its `spec.level` percentile interval over `spec.resamples`
+/// resamples. A resample draws as many clusters as there are, with replacement, and its
+/// statistic is the mean over all the differences of the drawn clusters (their sum over
+/// their count), so all of an image's variants move together. Empty clusters are
+/// dropped; `None` when no difference is left. With one difference per cluster this is
+/// [`paired`], draw for draw.
+pub fn clustered(clusters: &[Vec<f64>], spec: Spec) -> Option<Interval> {
+    let sums: Vec<(f64, usize)> = clusters
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| (c.iter().sum::<f64>(), c.len()))
+        .collect();
+    if sums.is_empty() {
+        return None;
+    }
+    let k = sums.len();
+    let ratio = |drawn: &mut dyn Iterator<Item = (f64, usize)>| {
+        let (sum, count) = drawn.fold((0.0, 0usize), |(s, n), (cs, cn)| (s + cs, n + cn));
+        sum / count as f64
+    };
+    let mean = ratio(&mut sums.iter().copied());
+    let mut rng = SplitMix64(spec.seed);
+    let mut means: Vec<f64> = (0..spec.resamples.max(1))
+        .map(|_| ratio(&mut (0..k).map(|_| sums[rng.below(k)])))
         .collect();
     means.sort_by(f64::total_cmp);
     let tail = (1.0 - spec.level) / 2.0;
@@ -124,6 +168,88 @@ mod tests {
         let half = 1.959964 * (0.24f64 / 3000.0).sqrt();
         assert!((iv.low - (0.6 - half)).abs() < 0.003, "{iv:?}");
         assert!((iv.high - (0.6 + half)).abs() < 0.003, "{iv:?}");
+    }
+
+    #[test]
+    fn clusters_of_one_give_the_paired_interval() {
+        let diffs: Vec<f64> = (0..300).map(|i| [1.0, 0.0, -1.0, 1.0, 0.0, 1.0, 0.0][i % 7]).collect();
+        let singletons: Vec<Vec<f64>> = diffs.iter().map(|d| vec![*d]).collect();
+        assert_eq!(clustered(&singletons, SPEC), paired(&diffs, SPEC));
+        assert_eq!(clustered(&[], SPEC), None);
+        assert_eq!(clustered(&[vec![], vec![]], SPEC), None);
+    }
+
+    /// 300 images under 8 variants (some images miss a variant); an image's differences
+    /// lean the same way under every variant, as real ones do.
+    fn repeated_images() -> Vec<Vec<f64>> {
+        (0..300)
+            .map(|i: usize| {
+                let variants = if i % 10 == 0 { 5 } else { 8 };
+                (0..variants)
+                    .map(|v| match (i % 5 < 3, (i + v) % 4 == 0) {
+                        (true, false) => 1.0,
+                        (false, true) => -1.0,
+                        _ => 0.0,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn repeated_images_widen_the_interval_to_the_cluster_bootstrap() {
+        let images = repeated_images();
+        let pooled: Vec<f64> = images.iter().flatten().copied().collect();
+        let by_image = clustered(&images, SPEC).unwrap();
+        let by_pair = paired(&pooled, SPEC).unwrap();
+
+        // By hand: draw images with the same generator, pool every difference of the
+        // drawn images, take the mean; percentiles of the sorted means.
+        let mut rng = SplitMix64(SEED);
+        let mut means = Vec::new();
+        for _ in 0..RESAMPLES {
+            let mut drawn = Vec::new();
+            for _ in 0..images.len() {
+                drawn.extend_from_slice(&images[rng.below(images.len())]);
+            }
+            means.push(drawn.iter().sum::<f64>() / drawn.len() as f64);
+        }
+        means.sort_by(f64::total_cmp);
+        let mean = pooled.iter().sum::<f64>() / pooled.len() as f64;
+        assert!((by_image.mean - mean).abs() < 1e-12 && by_image.mean == by_pair.mean);
+        assert!(
+            (by_image.low - quantile_sorted(&means, 0.025)).abs() < 1e-12,
+            "{by_image:?}"
+        );
+        assert!(
+            (by_image.high - quantile_sorted(&means, 0.975)).abs() < 1e-12,
+            "{by_image:?}"
+        );
+
+        // Far wider than resampling the 2,250 (image, variant) pairs as independent.
+        let (wide, narrow) = (by_image.high - by_image.low, by_pair.high - by_pair.low);
+        eprintln!("interval width: by image {wide:.4}, by pair {narrow:.4}");
+        assert!(wide > 1.8 * narrow, "by image {by_image:?}, by pair {by_pair:?}");
+
+        // And near the normal approximation of the ratio sum_i s_i / sum_i n_i (s_i the
+        // sum, n_i the count of image i's differences) under resampling of K images:
+        // var = sum_i (s_i - mean n_i)^2 / (K^2 nbar^2), nbar the mean count.
+        let k = images.len() as f64;
+        let nbar = pooled.len() as f64 / k;
+        let var: f64 = images
+            .iter()
+            .map(|c| (c.iter().sum::<f64>() - mean * c.len() as f64).powi(2))
+            .sum::<f64>()
+            / (k * k * nbar * nbar);
+        let half = 1.959964 * var.sqrt();
+        assert!(
+            (by_image.low - (mean - half)).abs() < 0.12 * half,
+            "{by_image:?} half {half}"
+        );
+        assert!(
+            (by_image.high - (mean + half)).abs() < 0.12 * half,
+            "{by_image:?} half {half}"
+        );
     }
 
     #[test]

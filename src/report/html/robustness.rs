@@ -1,9 +1,16 @@
 //! The robustness matrix (top-1 per method and variant, and the mean over corrupted
-//! variants) and the gain over source with paired-bootstrap intervals.
+//! variants) and the gain over source with bootstrap intervals.
 //!
 //! Gains pair the same image (shard id, key, variant) under a method and under the
 //! reference: the `source` method's rows where an output of that method was read, else
-//! each row's own prediction before adaptation (the same classifier, unadapted).
+//! each row's own `pred_before`. That is the unadapted classifier for episodic methods
+//! (reset before every image), but for online methods (TENT, Diffusion-TTA and DUSA
+//! online) it comes from the live adapting stream, so without a source series their
+//! gains have no unadapted reference, and the page says so ([`Robustness::live_reference`]).
+//!
+//! Intervals resample images (shard id, key): the pooled `all corrupted` row holds up to
+//! one difference per variant of each image, and those move together
+//! ([`bootstrap::clustered`]); a per-variant row has one difference per image.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -25,6 +32,10 @@ pub struct Robustness {
     pub mean_corrupted: Vec<Option<f64>>,
     /// What gains are measured against: a series label or `before adaptation`.
     pub reference: String,
+    /// Series of online methods whose gains are against their own `pred_before` from the
+    /// live adapting stream, because no source series was read: they have no unadapted
+    /// reference. Empty when there is a source series.
+    pub live_reference: Vec<String>,
     pub gains: Vec<Gain>,
     pub bootstrap: Spec,
 }
@@ -43,14 +54,46 @@ pub struct Gain {
     pub series: String,
     /// A variant tag, or `all corrupted` for every corrupted variant pooled.
     pub variant: String,
-    /// Images with a labelled prediction under both the method and the reference.
+    /// (image, variant) pairs with a labelled prediction under both the method and the
+    /// reference: the differences the mean is over.
     pub pairs: usize,
+    /// Distinct images (shard id, key) among those pairs: the bootstrap's resampling
+    /// unit. Equal to `pairs` for a single variant.
+    pub images: usize,
     #[serde(flatten)]
     pub interval: Interval,
 }
 
 /// The row label of pooled corrupted variants.
 const ALL_CORRUPTED: &str = "all corrupted";
+
+/// The `method` column values (see `TtaConfig::method_column`) of methods that adapt
+/// online: their `pred_before` is the live stream's, not the unadapted classifier's.
+const ONLINE_METHODS: [&str; 3] = ["tent", "diffusion-tta-online", "dusa-online"];
+
+/// Whether a series label (`method` or `method (output folder)`) names an online method.
+fn is_online(series: &str) -> bool {
+    let method = series.split(" (").next().unwrap_or(series);
+    ONLINE_METHODS.contains(&method)
+}
+
+/// Differences grouped by image, images in the order first seen.
+#[derive(Default)]
+struct ByImage<'a> {
+    index: BTreeMap<(usize, &'a str), usize>,
+    diffs: Vec<Vec<f64>>,
+}
+
+impl<'a> ByImage<'a> {
+    fn push(&mut self, shard: usize, key: &'a str, d: f64) {
+        let next = self.diffs.len();
+        let i = *self.index.entry((shard, key)).or_insert(next);
+        if i == next {
+            self.diffs.push(Vec::new());
+        }
+        self.diffs[i].push(d);
+    }
+}
 
 fn correct(r: &PredRow) -> Option<bool> {
     Some(r.pred_after? == r.label?)
@@ -93,12 +136,22 @@ pub fn compute(c: &Committed) -> Robustness {
         .collect();
     let source = c.series.iter().position(|s| s == "source" || s.starts_with("source ("));
     let (reference, gains) = gains(c, source, &variants);
+    let live_reference = match source {
+        Some(_) => Vec::new(),
+        None => c
+            .series
+            .iter()
+            .filter(|s| is_online(s) && gains.iter().any(|g| &g.series == *s))
+            .cloned()
+            .collect(),
+    };
     Robustness {
         series: c.series.clone(),
         variants: variants.iter().map(|v| v.tag()).collect(),
         cells,
         mean_corrupted,
         reference,
+        live_reference,
         gains,
         bootstrap: bootstrap::SPEC,
     }
@@ -112,7 +165,8 @@ fn gains(c: &Committed, source: Option<usize>, variants: &[Variant]) -> (String,
         .filter(|r| Some(r.series) == source)
         .filter_map(|r| Some(((r.shard, r.key.as_str(), r.variant), correct(r)?)))
         .collect();
-    let mut diffs: BTreeMap<(usize, Option<Variant>), Vec<f64>> = BTreeMap::new();
+    // Per (series, variant or None for all corrupted), the differences by image.
+    let mut diffs: BTreeMap<(usize, Option<Variant>), ByImage> = BTreeMap::new();
     for r in c.predictions.iter().filter(|r| Some(r.series) != source) {
         let Some(after) = correct(r) else { continue };
         let before = match source {
@@ -121,9 +175,12 @@ fn gains(c: &Committed, source: Option<usize>, variants: &[Variant]) -> (String,
         };
         let Some(before) = before else { continue };
         let d = after as i32 as f64 - before as i32 as f64;
-        diffs.entry((r.series, Some(r.variant))).or_default().push(d);
+        diffs
+            .entry((r.series, Some(r.variant)))
+            .or_default()
+            .push(r.shard, &r.key, d);
         if r.variant.severity > 0 {
-            diffs.entry((r.series, None)).or_default().push(d);
+            diffs.entry((r.series, None)).or_default().push(r.shard, &r.key, d);
         }
     }
     let mut out = Vec::new();
@@ -136,11 +193,12 @@ fn gains(c: &Committed, source: Option<usize>, variants: &[Variant]) -> (String,
         );
         for (v, tag) in rows {
             let Some(d) = diffs.get(&(s, v)) else { continue };
-            if let Some(interval) = bootstrap::paired(d, bootstrap::SPEC) {
+            if let Some(interval) = bootstrap::clustered(&d.diffs, bootstrap::SPEC) {
                 out.push(Gain {
                     series: name.clone(),
                     variant: tag,
-                    pairs: d.len(),
+                    pairs: d.diffs.iter().map(Vec::len).sum(),
+                    images: d.diffs.len(),
                     interval,
                 });
             }
@@ -232,6 +290,18 @@ pub fn render(r: &Robustness) -> String {
         h.push_str("<p>No method to compare with the reference: gains need labelled rows of a second method.</p>");
         return h;
     }
+    let live = |series: &str| r.live_reference.iter().any(|s| s == series);
+    let live_note = (!r.live_reference.is_empty()).then(|| {
+        format!(
+            "No source series given, so there is no unadapted reference for the online method(s) {}: \
+             their gains are against the live stream's pred_before (the adapting model's own prediction \
+             before its update on that image or batch), not against the classifier unadapted.",
+            r.live_reference.join(", ")
+        )
+    });
+    if let Some(note) = &live_note {
+        let _ = write!(h, "<p class=\"caption\">{}</p>", esc(note));
+    }
     let mut rows: Vec<String> = r.variants.clone();
     if corrupted > 0 {
         rows.push(ALL_CORRUPTED.into());
@@ -258,26 +328,38 @@ pub fn render(r: &Robustness) -> String {
         .filter(|g| g.variant == ALL_CORRUPTED || (corrupted == 0 && g.variant == "clean"))
         .map(|g| {
             format!(
-                "{} {:+.1} points [{:+.1}, {:+.1}] over {} images",
+                "{}{} {:+.1} points [{:+.1}, {:+.1}] over {} pairs of {} images",
                 g.series,
+                if live(&g.series) {
+                    " (against the live stream's pred_before: no source series given)"
+                } else {
+                    ""
+                },
                 100.0 * g.interval.mean,
                 100.0 * g.interval.low,
                 100.0 * g.interval.high,
-                g.pairs
+                g.pairs,
+                g.images
             )
         })
         .collect();
+    let reference = match r.reference.as_str() {
+        "before adaptation" => "each row's own prediction before adaptation (pred_before)",
+        other => other,
+    };
     let caption =
         format!(
         "Top-1 gain over {} in percentage points, per variant: dot the mean paired difference, whiskers its {:.0}% \
-         percentile interval from a paired bootstrap over images ({} resamples, seed {}). An interval that excludes \
-         the dashed zero line is a gain (or loss) unlikely to be resampling noise. {}: {}.",
-        r.reference,
+         percentile interval ({}; {} resamples, seed {}). An interval that excludes the dashed zero line is a gain \
+         (or loss) unlikely to be resampling noise. {}: {}.{}",
+        reference,
         100.0 * r.bootstrap.level,
+        r.bootstrap.unit,
         r.bootstrap.resamples,
         r.bootstrap.seed,
         if corrupted > 0 { "Over all corrupted variants" } else { "Overall" },
-        if pooled.is_empty() { "n/a".to_string() } else { pooled.join("; ") }
+        if pooled.is_empty() { "n/a".to_string() } else { pooled.join("; ") },
+        live_note.map_or(String::new(), |n| format!(" {n}"))
     );
     let chart = svg::intervals(&rows, &series, &Axis::percent("top-1 gain"), "gain over the reference");
     figure(&mut h, &chart, &caption);
@@ -287,4 +369,166 @@ pub fn render(r: &Robustness) -> String {
 /// A chart with its caption; the caption is escaped here.
 pub fn figure(h: &mut String, chart: &str, caption: &str) {
     let _ = write!(h, "<figure>{chart}<figcaption>{}</figcaption></figure>", esc(caption));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CORRUPTED: [&str; 6] = [
+        "gaussian_noise/1",
+        "gaussian_noise/5",
+        "contrast/1",
+        "contrast/5",
+        "fog/3",
+        "motion_blur/3",
+    ];
+
+    fn row(series: usize, key: usize, variant: &str, before: bool, after: bool) -> PredRow {
+        PredRow {
+            series,
+            shard: key % 2,
+            key: format!("k{key:04}"),
+            variant: variant.parse().unwrap(),
+            label: Some(3),
+            pred_before: Some(if before { 3 } else { 4 }),
+            conf_before: Some(0.5),
+            pred_after: Some(if after { 3 } else { 4 }),
+            conf_after: Some(0.5),
+            adapt_ms: 1.0,
+            denoiser_evals: None,
+        }
+    }
+
+    /// 120 images under clean and 6 corrupted variants. `source` gets every image right
+    /// under clean only; the method fixes 3 images in 5 under every corrupted variant
+    /// (the easy ones), breaks 1 in 10 (of the rest) everywhere: image-level effects,
+    /// as real gains are.
+    fn committed(series: &[&str]) -> Committed {
+        let mut c = Committed {
+            series: series.iter().map(|s| s.to_string()).collect(),
+            ..Committed::default()
+        };
+        for s in 0..series.len() {
+            let is_source = series[s] == "source";
+            for key in 0..120 {
+                let easy = key % 5 < 3;
+                let broken = !easy && key % 10 == 9;
+                for (v, variant) in std::iter::once("clean").chain(CORRUPTED).enumerate() {
+                    let before = v == 0 || (key + v) % 7 == 0;
+                    let after = if is_source { before } else { (easy || before) && !broken };
+                    c.predictions.push(row(s, key, variant, before, after));
+                }
+            }
+        }
+        c
+    }
+
+    fn gain<'a>(r: &'a Robustness, series: &str, variant: &str) -> &'a Gain {
+        r.gains
+            .iter()
+            .find(|g| g.series == series && g.variant == variant)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_pooled_interval_resamples_images_with_all_their_variants() {
+        let c = committed(&["diffusion-tta", "source"]);
+        let r = compute(&c);
+        assert_eq!(r.reference, "source");
+        assert!(r.live_reference.is_empty());
+
+        // By hand: each image's differences under the 6 corrupted variants, one cluster.
+        let ok = |s: usize, key: usize, v: &str| {
+            let p = c
+                .predictions
+                .iter()
+                .find(|p| p.series == s && p.key == format!("k{key:04}") && p.variant.tag() == v)
+                .unwrap();
+            (p.pred_after == p.label) as i32 as f64
+        };
+        let clusters: Vec<Vec<f64>> = (0..120)
+            .map(|key| CORRUPTED.iter().map(|v| ok(0, key, v) - ok(1, key, v)).collect())
+            .collect();
+        let pooled = gain(&r, "diffusion-tta", ALL_CORRUPTED);
+        assert_eq!((pooled.pairs, pooled.images), (720, 120));
+        assert_eq!(Some(pooled.interval), bootstrap::clustered(&clusters, bootstrap::SPEC));
+
+        // The old interval, (image, variant) pairs resampled as independent, is too narrow.
+        let flat: Vec<f64> = clusters.iter().flatten().copied().collect();
+        let by_pair = bootstrap::paired(&flat, bootstrap::SPEC).unwrap();
+        assert_eq!(by_pair.mean, pooled.interval.mean);
+        let (wide, narrow) = (pooled.interval.high - pooled.interval.low, by_pair.high - by_pair.low);
+        eprintln!("pooled interval width: by image {wide:.4}, by pair {narrow:.4}");
+        assert!(
+            wide > 1.5 * narrow,
+            "by image {:?}, by pair {by_pair:?}",
+            pooled.interval
+        );
+
+        // A per-variant row has one difference per image: the paired bootstrap as before.
+        for v in CORRUPTED {
+            let g = gain(&r, "diffusion-tta", v);
+            let d: Vec<f64> = (0..120).map(|key| ok(0, key, v) - ok(1, key, v)).collect();
+            assert_eq!((g.pairs, g.images), (120, 120));
+            assert_eq!(Some(g.interval), bootstrap::paired(&d, bootstrap::SPEC), "{v}");
+        }
+
+        let page = render(&r);
+        assert!(page.contains(&esc(bootstrap::UNIT)), "{page}");
+        assert!(page.contains("over 720 pairs of 120 images"), "{page}");
+        assert!(!page.contains("no source series given"), "{page}");
+    }
+
+    #[test]
+    fn online_gains_without_a_source_series_claim_no_unadapted_reference() {
+        let r = compute(&committed(&["tent", "diffusion-tta", "dusa-online (b)"]));
+        assert_eq!(r.reference, "before adaptation");
+        assert_eq!(r.live_reference, ["tent", "dusa-online (b)"]);
+        let page = render(&r);
+        assert!(
+            page.contains("tent (against the live stream&#39;s pred_before: no source series given) +"),
+            "{page}"
+        );
+        assert!(
+            page.contains("no unadapted reference for the online method(s) tent, dusa-online (b)"),
+            "{page}"
+        );
+        assert!(
+            page.contains("dusa-online (b): their gains are against the live stream&#39;s pred_before (the adapting"),
+            "{page}"
+        );
+        assert!(!page.contains("diffusion-tta (against"), "{page}");
+        assert!(!page.contains("classifier, unadapted"), "{page}");
+
+        // With a source series, every gain is against it.
+        let r = compute(&committed(&["tent", "source"]));
+        assert!(r.live_reference.is_empty());
+        assert!(!render(&r).contains("no source series given"));
+    }
+
+    #[test]
+    fn online_methods_are_those_whose_method_column_says_so() {
+        use crate::tta::{MethodName, Mode, TtaConfig};
+        for method in [
+            MethodName::Source,
+            MethodName::Tent,
+            MethodName::DiffusionClassifier,
+            MethodName::DiffusionTta,
+            MethodName::Dusa,
+        ] {
+            for mode in [Mode::Episodic, Mode::Online] {
+                let cfg = TtaConfig {
+                    method,
+                    mode,
+                    ..TtaConfig::default()
+                };
+                let online = method == MethodName::Tent
+                    || (mode == Mode::Online && matches!(method, MethodName::DiffusionTta | MethodName::Dusa));
+                let label = cfg.method_column();
+                assert_eq!(is_online(label), online, "{label}");
+                assert_eq!(is_online(&format!("{label} (run-b)")), online, "{label}");
+            }
+        }
+    }
 }
