@@ -5,15 +5,26 @@
 //! logits are the kept columns only ([`Classifier::restrict`]), so the softmax, the
 //! condition mixture, TENT's entropy, DUSA's candidates and the Diffusion Classifier's
 //! candidates all range over the kept classes; the class embeddings are restricted the
-//! same way ([`Diffusion::restrict`]). Methods see column indices `0..kept`; the
-//! `Restricted` adapter of the methods module maps every class index of their rows back
-//! through [`LabelSpace::output_class`] in one place.
+//! same way ([`Diffusion::restrict`]). Methods see column indices `0..kept`, the kept
+//! model classes in ascending order; the `Restricted` adapter of the methods module maps
+//! every class index of their rows through [`LabelSpace::output_class`] (and the top-k
+//! through [`LabelSpace::output_topk`]) in one place.
 //!
-//! Output classes: with a subset, the model's original class indices; with a label map,
-//! the dataset class of the predicted model class (so `pred_* == label` is the
-//! protocol's "the prediction falls in the label's class set"). A map that puts one
-//! model class into two dataset classes is refused: that protocol would then count one
-//! prediction right for two labels, which a single predicted index cannot express.
+//! Output classes are the dataset's, never the model's:
+//! - with a subset, the position of the predicted class in the subset list. The list
+//!   must be ascending (an unsorted one is refused, never silently reordered), so
+//!   position `i` is the `i`-th smallest kept model class. For ImageNet-R and ImageNet-A
+//!   that is the benchmarks' own numbering: their 200 wnid folders, sorted by name as
+//!   ImageFolder (and the `folder` input) numbers them, are in ascending ImageNet-1k
+//!   index order, because ImageNet-1k's indices are its sorted wnids.
+//! - with a label map, the dataset class of the predicted model class (so
+//!   `pred_* == label` is the protocol's "the prediction falls in the label's class
+//!   set"). A map that puts one model class into two dataset classes is refused: that
+//!   protocol would then count one prediction right for two labels, which a single
+//!   predicted index cannot express.
+//!
+//! A negative class (-1: no image-level class, as a dense model's step predictions)
+//! passes through unmapped.
 //!
 //! [`Classifier::restrict`]: super::Classifier::restrict
 //! [`Diffusion::restrict`]: super::Diffusion::restrict
@@ -72,6 +83,8 @@ pub enum LabelSpaceError {
         origin: String,
         index: i64,
     },
+    #[error("model.class_subset: {origin}: class {after} is listed after class {before}; list the classes in ascending order (a prediction is written as its position in the list; for another order, use model.label_map with one class per line)")]
+    Unsorted { origin: String, before: i64, after: i64 },
     #[error("{key}: a depth bundle has no classes to restrict or map")]
     NoClasses { key: &'static str },
     #[error("{key}: {origin}: lists no class")]
@@ -141,6 +154,14 @@ impl LabelSpace {
             });
         }
         check_range(KEY, &origin, &kept, num_classes)?;
+        // Refused, not sorted: the written class is the position in the list as given.
+        if let Some(w) = indices.windows(2).find(|w| w[0] > w[1]) {
+            return Err(LabelSpaceError::Unsorted {
+                origin,
+                before: w[0],
+                after: w[1],
+            });
+        }
         Ok(Some(LabelSpace {
             description: format!("{origin}: {} of {num_classes} classes", kept.len()),
             kept,
@@ -210,16 +231,53 @@ impl LabelSpace {
     }
 
     /// The class written to the output for column `column` of the restricted logits:
-    /// the model class (subset), or its dataset class (label map).
+    /// its position in the subset (the column itself: the columns are the kept classes
+    /// in ascending order, as the list is), or the dataset class of its model class
+    /// (label map). A negative class (-1, no image-level class) is returned unchanged.
     ///
-    /// Panics if `column` is not a column of the restricted classifier; a method that
-    /// reports one has broken its contract.
+    /// Panics if `column` is at or past [`LabelSpace::len`]; a method that reports such a
+    /// column has broken its contract.
     pub fn output_class(&self, column: i64) -> i64 {
-        let c = usize::try_from(column).expect("a class column is not negative");
+        let Ok(c) = usize::try_from(column) else {
+            return column;
+        };
+        assert!(
+            c < self.kept.len(),
+            "class column {column} of a classifier restricted to {} classes",
+            self.kept.len()
+        );
         match &self.dataset {
             Some(d) => d[c],
-            None => self.kept[c],
+            None => column,
         }
+    }
+
+    /// The original model class of column `column` of the restricted logits (for logs
+    /// and checks; never written in place of [`LabelSpace::output_class`]).
+    pub fn model_class(&self, column: usize) -> i64 {
+        self.kept[column]
+    }
+
+    /// The top-k as written: `classes` (restricted columns, best first) and their
+    /// `probs` mapped through [`LabelSpace::output_class`], keeping the first (most
+    /// probable) entry of each output class. With a subset nothing repeats and this is a
+    /// plain mapping; with a label map each dataset class appears once, with the
+    /// probability of its best model class among the top-k (as `conf_after` is the
+    /// probability of the predicted model class), so the list can be shorter than k.
+    pub fn output_topk(&self, classes: &[i64], probs: &[f32]) -> (Vec<i64>, Vec<f32>) {
+        let mut out_classes = Vec::with_capacity(classes.len());
+        let mut out_probs = Vec::with_capacity(probs.len());
+        for (i, &column) in classes.iter().enumerate() {
+            let class = self.output_class(column);
+            if out_classes.contains(&class) {
+                continue;
+            }
+            out_classes.push(class);
+            if let Some(&p) = probs.get(i) {
+                out_probs.push(p);
+            }
+        }
+        (out_classes, out_probs)
     }
 }
 
@@ -292,11 +350,70 @@ mod tests {
     }
 
     #[test]
-    fn inline_subset_is_sorted_and_maps_columns_back() {
-        let s = subset(ClassSubset::Indices(vec![7, 2, 5]), 10).unwrap().unwrap();
+    fn a_subset_writes_positions_in_its_list() {
+        let s = subset(ClassSubset::Indices(vec![2, 5, 7]), 10).unwrap().unwrap();
         assert_eq!(s.len(), 3);
-        assert_eq!((0..3).map(|c| s.output_class(c)).collect::<Vec<_>>(), [2, 5, 7]);
+        // Column i is the i-th kept model class, written as its position i.
+        assert_eq!((0..3).map(|c| s.model_class(c)).collect::<Vec<_>>(), [2, 5, 7]);
+        assert_eq!((0..3).map(|c| s.output_class(c)).collect::<Vec<_>>(), [0, 1, 2]);
         assert_eq!(s.description, "the inline list: 3 of 10 classes");
+        assert_eq!(
+            s.output_topk(&[2, 0, 1], &[0.5, 0.3, 0.2]),
+            (vec![2, 0, 1], vec![0.5, 0.3, 0.2])
+        );
+    }
+
+    #[test]
+    fn an_unsorted_subset_is_refused_not_reordered() {
+        let e = subset(ClassSubset::Indices(vec![7, 2, 5]), 10).unwrap_err().to_string();
+        assert!(
+            e.starts_with("model.class_subset: the inline list: class 2 is listed after class 7; list the classes in ascending order"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("list.txt");
+        std::fs::write(&path, "1\n3\n9\n4\n").unwrap();
+        let e = subset(ClassSubset::Named(path.display().to_string()), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("class 4 is listed after class 9"), "{e}");
+    }
+
+    #[test]
+    fn no_class_passes_through_unmapped() {
+        let s = subset(ClassSubset::Indices(vec![2, 5, 7]), 10).unwrap().unwrap();
+        assert_eq!(s.output_class(-1), -1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("map.txt");
+        std::fs::write(&path, "4\n8 9\n").unwrap();
+        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Segmentation)
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.output_class(-1), -1);
+        assert_eq!(m.output_topk(&[], &[]), (vec![], vec![]));
+    }
+
+    #[test]
+    #[should_panic(expected = "class column 3 of a classifier restricted to 3 classes")]
+    fn a_column_past_the_kept_classes_is_a_broken_contract() {
+        let s = subset(ClassSubset::Indices(vec![2, 5, 7]), 10).unwrap().unwrap();
+        s.output_class(3);
+    }
+
+    #[test]
+    fn label_map_top_k_lists_each_dataset_class_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("parity.txt");
+        std::fs::write(&path, "0 2 4 6 8\n1 3 5 7 9\n").unwrap();
+        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
+            .unwrap()
+            .unwrap();
+        // Model classes 4, 6, 3, 8, 1 (columns = model classes here): even, even, odd, ...
+        assert_eq!(
+            m.output_topk(&[4, 6, 3, 8, 1], &[0.4, 0.2, 0.15, 0.1, 0.05]),
+            (vec![0, 1], vec![0.4, 0.15])
+        );
+        assert_eq!(m.output_topk(&[4, 6], &[0.6, 0.3]), (vec![0], vec![0.6]));
     }
 
     #[test]
@@ -319,7 +436,8 @@ mod tests {
         let s = subset(ClassSubset::Named(path.display().to_string()), 10)
             .unwrap()
             .unwrap();
-        assert_eq!((0..5).map(|c| s.output_class(c)).collect::<Vec<_>>(), [1, 3, 5, 7, 9]);
+        assert_eq!((0..5).map(|c| s.model_class(c)).collect::<Vec<_>>(), [1, 3, 5, 7, 9]);
+        assert_eq!((0..5).map(|c| s.output_class(c)).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
         std::fs::write(&path, "1\nthree\n").unwrap();
         let e = subset(ClassSubset::Named(path.display().to_string()), 10)
             .unwrap_err()
@@ -355,9 +473,16 @@ mod tests {
 
     #[test]
     fn shipped_lists_resolve_against_imagenet_1k() {
-        for (name, size) in [("imagenet-r", 200), ("imagenet-a", 200)] {
+        for (name, size, first) in [("imagenet-r", 200, [1, 2, 4, 6]), ("imagenet-a", 200, [6, 11, 13, 15])] {
+            // Resolving means ascending: an unsorted list is refused.
             let s = subset(ClassSubset::Named(name.into()), 1000).unwrap().unwrap();
             assert_eq!(s.len(), size, "{name}");
+            assert_eq!((0..4).map(|c| s.model_class(c)).collect::<Vec<_>>(), first, "{name}");
+            // Written as positions 0..199: the sorted wnid folders' numbering.
+            assert_eq!(
+                (0..size as i64).map(|c| s.output_class(c)).collect::<Vec<_>>(),
+                (0..size as i64).collect::<Vec<_>>()
+            );
             // Not a 1000-class model: refused with the range.
             assert!(subset(ClassSubset::Named(name.into()), 10).is_err());
         }
