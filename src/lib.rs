@@ -9,6 +9,7 @@ pub mod image;
 pub mod model;
 pub mod pipeline;
 pub mod report;
+pub mod rng;
 pub mod sample;
 pub mod shards;
 pub mod sink;

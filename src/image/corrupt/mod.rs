@@ -73,7 +73,6 @@ mod blur;
 mod digital;
 mod noise;
 mod raster;
-mod rng;
 mod tables;
 #[cfg(test)]
 mod test_images;
@@ -82,13 +81,13 @@ mod weather;
 use serde::{Deserialize, Serialize};
 
 use super::decode::DecodedImage;
+use crate::rng::{self, splitmix64, Rng};
 pub use crate::sample::Corruption;
 use crate::sample::Variant;
 use blur::{defocus_blur, glass_blur, motion_blur, zoom_blur};
 use digital::{brightness, contrast, elastic_transform, jpeg_roundtrip, pixelate};
 use noise::{gaussian_noise, impulse_noise, shot_noise};
 use raster::FloatImage;
-use rng::{splitmix64, Rng};
 use tables::ConstantTable;
 use weather::{fog, frost, snow};
 

@@ -35,12 +35,7 @@ impl DiffusionClassifier {
         topk: usize,
         chunk: usize,
     ) -> Self {
-        let noise = SeededNoise {
-            seed,
-            num_timesteps: diffusion.num_timesteps,
-            timesteps: Timesteps::Stratified,
-            same_noise: false,
-        };
+        let noise = SeededNoise::new(seed, diffusion.num_timesteps, Timesteps::Stratified, false);
         DiffusionClassifier {
             classifier,
             diffusion,

@@ -1,10 +1,16 @@
-//! Random numbers: a local xoshiro256** generator and the draws the corruptions use
-//! (uniform, integer, normal, Poisson), with numpy's conventions where they matter.
+//! Random numbers: a local xoshiro256** generator and the draws dtta needs (uniform,
+//! integer, normal, Poisson), with numpy's conventions where they matter.
+//!
+//! Every random draw that shapes a result comes from an [`Rng`] owned by the code that
+//! draws, seeded from (run seed, sample key, ...): the corruptions' pixels and the
+//! diffusion methods' timesteps and noise. Never torch's global generator: it is shared
+//! by the whole process (any other user shifts it, parallel tests reseed it) and its
+//! CPU and CUDA streams differ for one seed.
 
 use std::f64::consts::TAU;
 
 /// One splitmix64 step (Steele, Lea & Flood): advances `state`, returns a mixed value.
-pub(super) fn splitmix64(state: &mut u64) -> u64 {
+pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -15,14 +21,14 @@ pub(super) fn splitmix64(state: &mut u64) -> u64 {
 /// xoshiro256** (Blackman & Vigna) seeded through splitmix64. Local and fully specified
 /// so that a seed's bytes never change with a dependency upgrade (rand's `StdRng`
 /// promises no such stability).
-pub(super) struct Rng {
+pub struct Rng {
     state: [u64; 4],
     /// The second value of the last Box–Muller pair.
     spare_normal: Option<f64>,
 }
 
 impl Rng {
-    pub(super) fn new(seed: u64) -> Rng {
+    pub fn new(seed: u64) -> Rng {
         let mut mixer = seed;
         Rng {
             state: [(); 4].map(|_| splitmix64(&mut mixer)),
@@ -44,22 +50,22 @@ impl Rng {
     }
 
     /// Uniform on [0, 1), 53 random bits.
-    pub(super) fn uniform(&mut self) -> f64 {
+    pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    pub(super) fn uniform_in(&mut self, low: f64, high: f64) -> f64 {
+    pub fn uniform_in(&mut self, low: f64, high: f64) -> f64 {
         low + (high - low) * self.uniform()
     }
 
     /// Uniform integer on [low, high), numpy's `randint` convention; `high > low`.
-    pub(super) fn int_in(&mut self, low: i64, high: i64) -> i64 {
+    pub fn int_in(&mut self, low: i64, high: i64) -> i64 {
         let span = (high - low) as u64;
         low + ((u128::from(self.next_u64()) * u128::from(span)) >> 64) as i64
     }
 
     /// Standard normal, Box–Muller.
-    pub(super) fn normal(&mut self) -> f64 {
+    pub fn normal(&mut self) -> f64 {
         if let Some(z) = self.spare_normal.take() {
             return z;
         }
@@ -71,7 +77,7 @@ impl Rng {
 
     /// Poisson with mean `lambda`, numpy's algorithms: multiplication for `lambda < 10`,
     /// Hörmann's PTRS transformed rejection above (exact, O(1) expected).
-    pub(super) fn poisson(&mut self, lambda: f64) -> u64 {
+    pub fn poisson(&mut self, lambda: f64) -> u64 {
         if lambda <= 0.0 {
             return 0;
         }
