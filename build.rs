@@ -1,11 +1,13 @@
 //! Links against the torch that tch was built with and records its `lib/` folder as
 //! the binary's rpath, so `target/release/dtta` runs without `LD_LIBRARY_PATH`.
-//! Also builds the small C++ shim of `src/tta/autocast.cpp` against the same headers.
+//! Also builds the small C++ shims (`src/tta/autocast.cpp`, `src/model/buffers.cpp`)
+//! against the same headers.
 //! `LIBTORCH` is the venv's `torch` package folder (see the Makefile).
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=src/tta/autocast.cpp");
+    println!("cargo:rerun-if-changed=src/model/buffers.cpp");
     let libtorch = std::env::var("LIBTORCH").expect("LIBTORCH must point at the venv's torch folder (run via make)");
     let root = std::path::Path::new(&libtorch);
     let lib = root.join("lib");
@@ -16,7 +18,9 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("src/tta/autocast.cpp")
+        .file("src/model/buffers.cpp")
         .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")

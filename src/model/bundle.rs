@@ -865,6 +865,12 @@ impl Classifier {
         self.module.named_parameters()
     }
 
+    /// The module's buffers (BatchNorm running statistics), aliasing the live ones:
+    /// writing into them writes the module's.
+    pub fn buffers(&self) -> Result<Vec<Tensor>, tch::TchError> {
+        module_buffers(&self.module)
+    }
+
     /// Eval mode: BatchNorm uses (and never updates) its running statistics.
     pub fn set_eval(&mut self) {
         self.module.set_eval();
@@ -895,5 +901,35 @@ impl Classifier {
             }
         }
         Ok((total, in_head))
+    }
+}
+
+extern "C" {
+    /// src/model/buffers.cpp.
+    fn dtta_module_buffers(module: *mut std::ffi::c_void, out: *mut *mut std::ffi::c_void, capacity: i64) -> i64;
+}
+
+// tch keeps a CModule as its one field, the `torch::jit::script::Module*`, and gives no
+// accessor to it; this checks the layout the pointer read in `module_buffers` relies on.
+const _: () = assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut std::ffi::c_void>());
+
+/// Handles to `module`'s buffers, recursively, in the module's order (tch has no
+/// accessor for them).
+fn module_buffers(module: &CModule) -> Result<Vec<Tensor>, tch::TchError> {
+    // SAFETY: CModule is exactly its module pointer (checked above), valid while
+    // `module` lives; every handle the shim writes is a new `torch::Tensor*` that the
+    // returned Tensor owns and frees.
+    unsafe {
+        let raw = *(module as *const CModule as *const *mut std::ffi::c_void);
+        let count = dtta_module_buffers(raw, std::ptr::null_mut(), 0);
+        if count < 0 {
+            return Err(tch::TchError::Torch("could not list the module's buffers".into()));
+        }
+        let mut handles = vec![std::ptr::null_mut(); count as usize];
+        let written = dtta_module_buffers(raw, handles.as_mut_ptr(), count);
+        if written != count {
+            return Err(tch::TchError::Torch("the module's buffers changed while listed".into()));
+        }
+        Ok(handles.into_iter().map(|h| Tensor::from_ptr(h.cast())).collect())
     }
 }

@@ -21,7 +21,8 @@ pub struct AdaptedParams {
 
 impl AdaptedParams {
     /// Selects parameters per `adapt` and sets `requires_grad` accordingly on every
-    /// parameter of both modules. `head` parameters are never selected.
+    /// parameter of both modules. `head` parameters are never selected (pass an empty
+    /// list to adapt the whole classifier, as DUSA does).
     pub fn select(
         classifier: Vec<(String, Tensor)>,
         denoiser: Vec<(String, Tensor)>,
@@ -66,6 +67,44 @@ impl AdaptedParams {
                 t.shallow_clone().f_copy_(s).expect("snapshot matches its parameter");
             }
         });
+    }
+
+    /// Device copies of the current gradients (zeros where a parameter has none yet):
+    /// the gradients an unfinished accumulation cycle has gathered so far.
+    pub fn grad_snapshot(&self) -> Vec<Tensor> {
+        tch::no_grad(|| {
+            self.tensors
+                .iter()
+                .map(|t| match t.grad() {
+                    g if g.defined() => g.detach().copy(),
+                    _ => t.zeros_like(),
+                })
+                .collect()
+        })
+    }
+
+    /// Copies `snapshot` back into the gradients, in place. A parameter that has no
+    /// gradient tensor (no backward pass reached it yet) keeps none: its snapshot is zeros.
+    pub fn restore_grads(&self, snapshot: &[Tensor]) {
+        tch::no_grad(|| {
+            for (t, s) in self.tensors.iter().zip(snapshot) {
+                let g = t.grad();
+                if g.defined() {
+                    g.shallow_clone()
+                        .f_copy_(s)
+                        .expect("gradient snapshot matches its parameter");
+                }
+            }
+        });
+    }
+
+    /// Whether every adapted value is finite (one device reduction, one sync).
+    pub fn all_finite(&self) -> Result<bool, tch::TchError> {
+        if self.tensors.is_empty() {
+            return Ok(true);
+        }
+        let flags: Vec<Tensor> = self.tensors.iter().map(|t| t.detach().isfinite().all()).collect();
+        Ok(bool::try_from(Tensor::stack(&flags, 0).all())?)
     }
 
     pub fn zero_grad(&self) {

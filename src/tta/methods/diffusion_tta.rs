@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{per_image, step_metric, Method};
+use super::{per_image, step_metric, InjectedFault, Method};
 use crate::image::Prepared;
 use crate::model::{Classifier, Diffusion};
 use crate::sample::Status;
@@ -146,6 +146,7 @@ pub struct DiffusionTta {
     /// Online mode: the weights and optimizer state before the current image, restored
     /// when it diverges or fails.
     rollback: Option<(Vec<Tensor>, OptimizerState)>,
+    fault: InjectedFault,
 }
 
 impl DiffusionTta {
@@ -155,14 +156,14 @@ impl DiffusionTta {
         cfg: &TtaConfig,
         seed: u64,
     ) -> Result<Self, tch::TchError> {
-        let params = super::adapted_parameters(&classifier, &diffusion, cfg)?;
+        let params = super::adapted_parameters(&classifier, &diffusion, cfg, false)?;
         let originals = params.snapshot();
-        let noise = Box::new(SeededNoise {
+        let noise = Box::new(SeededNoise::new(
             seed,
-            num_timesteps: diffusion.num_timesteps,
-            timesteps: cfg.timesteps,
-            same_noise: cfg.same_noise,
-        });
+            diffusion.num_timesteps,
+            cfg.timesteps,
+            cfg.same_noise,
+        ));
         Ok(DiffusionTta {
             classifier,
             diffusion,
@@ -173,6 +174,7 @@ impl DiffusionTta {
             knobs: Knobs::from_config(cfg),
             streams: VariantStreams::default(),
             rollback: None,
+            fault: InjectedFault::from_env(),
         })
     }
 
@@ -318,6 +320,7 @@ impl DiffusionTta {
             }
             self.optimizer.step(&self.params.tensors)?;
             self.params.zero_grad();
+            self.fault.after_update()?;
             if task.is_dense() {
                 // Scored against the label by the writer (the steps table's metrics).
                 step_maps.extend(dense::maps(&logits_seen, task, crop)?);

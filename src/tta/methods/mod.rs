@@ -53,6 +53,51 @@ pub trait Method {
     fn recover(&mut self) {}
 }
 
+/// A one-shot failure right after the Nth optimizer update of the process, for tests of
+/// [`Method::recover`]: set `DTTA_FAIL_AFTER_UPDATE=N` (unset: off). The update has been
+/// applied when it fails, as when a libtorch call after the step fails (a device error,
+/// a host copy), so a retry only gives the rows of an undisturbed run if `recover`
+/// undoes the whole batch.
+#[derive(Debug, Default)]
+pub struct InjectedFault {
+    countdown: Option<u64>,
+}
+
+impl InjectedFault {
+    pub const ENV: &'static str = "DTTA_FAIL_AFTER_UPDATE";
+
+    pub fn from_env() -> InjectedFault {
+        let countdown = std::env::var(Self::ENV).ok().and_then(|v| v.trim().parse().ok());
+        if let Some(n) = countdown {
+            tracing::warn!(
+                "{}={n}: the {n}th optimizer update will fail once (a test aid)",
+                Self::ENV
+            );
+        }
+        InjectedFault {
+            countdown: countdown.filter(|n| *n > 0),
+        }
+    }
+
+    /// Call right after each optimizer update: fails the Nth call, once.
+    pub fn after_update(&mut self) -> Result<(), tch::TchError> {
+        match self.countdown {
+            Some(1) => {
+                self.countdown = None;
+                Err(tch::TchError::Torch(format!(
+                    "injected fault after an optimizer update ({})",
+                    Self::ENV
+                )))
+            }
+            Some(n) => {
+                self.countdown = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 /// Why a configured method could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -143,9 +188,11 @@ pub fn build(
 }
 
 /// A method run on a restricted classifier: reports every class index of its rows
-/// (predictions, top-k, per-step predictions) as [`LabelSpace::output_class`] of the
-/// logit column the method saw, so the output speaks the model's (or the dataset's)
-/// class indices, never the restricted columns.
+/// (predictions, per-step predictions, every pixel of every mask) as
+/// [`LabelSpace::output_class`] of the logit column the method saw, and the top-k as
+/// [`LabelSpace::output_topk`] (each class once), so the output speaks the dataset's
+/// class indices: the position in the subset list, or the label map's dataset class.
+/// A class of -1 (no image-level class: a dense model's step predictions) stays -1.
 pub struct Restricted {
     inner: Box<dyn Method>,
     space: LabelSpace,
@@ -162,7 +209,7 @@ impl Method for Restricted {
         for o in &mut outcomes {
             o.pred_before = o.pred_before.map(class);
             o.pred_after = o.pred_after.map(class);
-            o.topk_after.iter_mut().for_each(|c| *c = class(*c));
+            (o.topk_after, o.topk_probs_after) = self.space.output_topk(&o.topk_after, &o.topk_probs_after);
             o.step_log.iter_mut().for_each(|s| s.pred = class(s.pred));
             if let Some(dense) = &mut o.dense {
                 dense.map_classes(class);
@@ -178,12 +225,14 @@ impl Method for Restricted {
 
 /// What the diffusion-guided methods (Diffusion-TTA, DUSA) check and select before their
 /// first image: bf16 support on the device, `[tta.budget]` against the method, and the
-/// parameters `tta.adapt` selects (an empty selection is an error). Sets `requires_grad`
-/// on both modules as a side effect ([`AdaptedParams::select`]).
+/// parameters `tta.adapt` selects (an empty selection is an error), the classifier's
+/// head only with `with_head`. Sets `requires_grad` on both modules as a side effect
+/// ([`AdaptedParams::select`]).
 fn adapted_parameters(
     classifier: &Classifier,
     diffusion: &Diffusion,
     cfg: &TtaConfig,
+    with_head: bool,
 ) -> Result<AdaptedParams, tch::TchError> {
     if cfg.precision == Precision::Bf16 {
         crate::tta::autocast::check_supported(classifier.device)?;
@@ -200,7 +249,7 @@ fn adapted_parameters(
         classifier.named_parameters()?,
         diffusion.named_parameters()?,
         cfg.adapt,
-        &classifier.head,
+        if with_head { &[] } else { &classifier.head },
         &classifier.norm,
     );
     if params.tensors.is_empty() {

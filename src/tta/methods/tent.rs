@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use super::{assemble, assemble_dense, predicted_images, Method};
+use super::{assemble, assemble_dense, predicted_images, InjectedFault, Method};
 use crate::image::Prepared;
 use crate::model::Classifier;
-use crate::tta::optim::Optimizer;
+use crate::tta::optim::{Optimizer, OptimizerState};
 use crate::tta::params::{AdaptedParams, VariantStreams};
 use crate::tta::{dense, predictions, Adapt, DenseRow, OptimizerKind, Outcome, TentConfig};
 
@@ -16,9 +16,14 @@ use crate::tta::{dense, predictions, Adapt, DenseRow, OptimizerKind, Outcome, Te
 /// for one entropy-minimisation step on the norm layers' affine parameters. With
 /// variants, each variant is its own stream of affine parameters and optimizer state.
 ///
-/// Hazard: train-mode passes also update the BatchNorm running statistics (TorchScript
-/// buffers, which tch cannot snapshot), and `pred_before` (eval mode) reads them, so
+/// Hazard: train-mode passes also update the BatchNorm running statistics (module
+/// buffers shared by every stream), and `pred_before` (eval mode) reads them, so
 /// `pred_before` drifts with every batch of every stream; `pred_after` does not use them.
+/// Read gains against a `source` run of the same samples.
+///
+/// Invariant: a failed batch is undone whole by `recover` (affine parameters, optimizer
+/// state and running statistics as before the batch), so a retry gives the rows an
+/// undisturbed run gives.
 pub struct Tent {
     classifier: Classifier,
     params: AdaptedParams,
@@ -28,6 +33,12 @@ pub struct Tent {
     optimizer: Optimizer,
     batch_size: usize,
     topk: usize,
+    /// The module's buffers (aliases of the live running statistics).
+    buffers: Vec<Tensor>,
+    /// The state before the batch in progress: affine parameters, optimizer state and
+    /// buffer values (None between batches).
+    rollback: Option<(Vec<Tensor>, OptimizerState, Vec<Tensor>)>,
+    fault: InjectedFault,
 }
 
 impl Tent {
@@ -50,6 +61,9 @@ impl Tent {
             &classifier.norm,
         );
         Ok(Tent {
+            buffers: classifier.buffers()?,
+            rollback: None,
+            fault: InjectedFault::from_env(),
             classifier,
             originals: params.snapshot(),
             streams: VariantStreams::default(),
@@ -75,6 +89,8 @@ impl Method for Tent {
         // The adapt stage never mixes variants in a batch.
         self.streams
             .switch(batch[0].variant, &self.params, &mut self.optimizer, &self.originals);
+        let buffers = tch::no_grad(|| self.buffers.iter().map(Tensor::copy).collect());
+        self.rollback = Some((self.params.snapshot(), self.optimizer.snapshot(), buffers));
         let x = self.classifier.batch_from(&images);
         // The unadapted model's view, for pred_before.
         self.classifier.set_eval();
@@ -90,6 +106,7 @@ impl Method for Tent {
         entropy.mean(Kind::Float).f_backward()?;
         self.optimizer.step(&self.params.tensors)?;
         self.params.zero_grad();
+        self.fault.after_update()?;
         self.classifier.set_eval();
         let ms = || started.elapsed().as_secs_f64() * 1e3 / images.len() as f64;
         if task.is_dense() {
@@ -101,17 +118,30 @@ impl Method for Tent {
                 .zip(after)
                 .map(|(b, a)| DenseRow::new(side, b, a))
                 .collect();
+            self.rollback = None;
             return Ok(assemble_dense(batch, rows, ms()));
         }
         let before = predictions(&source, self.topk)?;
         let after = predictions(&logits, self.topk)?;
+        self.rollback = None;
         Ok(assemble(batch, before, after, ms()))
     }
 
-    /// A failed batch leaves at most stale gradients and train mode; the affine
-    /// parameters are only written by the optimizer step, the last fallible call.
+    /// Back to the state before the failed batch, whatever failed: its affine
+    /// parameters, optimizer state and running statistics; no gradient; eval mode.
     fn recover(&mut self) {
         self.params.zero_grad();
         self.classifier.set_eval();
+        if let Some((params, state, buffers)) = self.rollback.take() {
+            self.params.restore(&params);
+            self.optimizer.restore(state);
+            tch::no_grad(|| {
+                for (live, saved) in self.buffers.iter().zip(&buffers) {
+                    live.shallow_clone()
+                        .f_copy_(saved)
+                        .expect("a buffer snapshot matches its buffer");
+                }
+            });
+        }
     }
 }
