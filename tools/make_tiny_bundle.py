@@ -1,13 +1,16 @@
 """Writes a tiny random-weight bundle for tests: every shape path of the bundle contract.
 
 Usage: python tools/make_tiny_bundle.py OUT_DIR [--seed 0] [--text-embeddings]
-       [--task classification|segmentation|depth]
+       [--task classification|segmentation|depth] [--nan-grad-sentinel]
 
 - classifier.pt: RGB 8x8 -> 4 classes (conv, BatchNorm, linear head `fc`).
 - encoder.pt: image in [-1,1] [N,3,8,8] -> latent [N,2,4,4]; latent_scale 0.5.
 - denoiser.pt: forward(x_t [N,2,4,4], t [N], cond [N,D] or [N,T,D]) -> [N,4,4,4]
   (learned variance: 2C channels, the first C are the noise prediction).
 - class_embeddings.safetensors: `embeddings` [4,6], or [4,3,6] with --text-embeddings.
+- --nan-grad-sentinel: an image whose first input value is at least 50 (a sentinel)
+  gives the head `fc` a NaN gradient while every output stays finite (a fault for the
+  methods' gradient guards); other images are untouched.
 
 Dense tasks (`--task`, concat conditioning; the encoder and latent are as above):
 - segmentation: classifier.pt maps RGB 8x8 -> logits [N,4,6,6] (a 3x3 conv without
@@ -28,15 +31,22 @@ K, D, T_TOKENS = 4, 6, 3
 
 
 class TinyClassifier(nn.Module):
-    def __init__(self):
+    def __init__(self, nan_grad_sentinel: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(3, 5, 3, padding=1)
         self.bn = nn.BatchNorm2d(5)
         self.fc = nn.Linear(5, K)
+        self.sentinel = nan_grad_sentinel
 
     def forward(self, x):
         h = torch.relu(self.bn(self.conv(x)))
-        return self.fc(h.mean(dim=(2, 3)))
+        out = self.fc(h.mean(dim=(2, 3)))
+        if self.sentinel:
+            # 0 * sqrt(0 * w + gate) adds 0 everywhere; its gradient on w is
+            # 0 * (0 / 0) = NaN where gate = 0 (the sentinel) and 0 elsewhere.
+            gate = 1.0 - (x[:, 0, 0, 0] >= 50.0).float()
+            out = out + 0.0 * torch.sqrt(self.fc.weight.sum() * 0.0 + gate).unsqueeze(1)
+        return out
 
 
 class TinyDenseModel(nn.Module):
@@ -102,13 +112,14 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-embeddings", action="store_true")
     parser.add_argument("--task", choices=["classification", "segmentation", "depth"], default="classification")
+    parser.add_argument("--nan-grad-sentinel", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.task != "classification":
         return write_dense(args)
 
-    classifier = TinyClassifier()
+    classifier = TinyClassifier(args.nan_grad_sentinel)
     # Non-trivial running statistics, so a buffer mix-up would show.
     classifier.bn.running_mean.uniform_(-0.2, 0.2)
     classifier.bn.running_var.uniform_(0.5, 1.5)

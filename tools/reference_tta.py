@@ -16,18 +16,22 @@ DUSA (ALGORITHM.md, "DUSA"), parity mode only:
 
        python tools/reference_tta.py BUNDLE_DIR OUT.safetensors --method dusa
        [--mode episodic|online] [--steps 2] [--accum 1] [--lr 1e-3] [--timestep 100]
-       [--dusa-topk 2] [--random 1] [--batch 2] [--batches 2] [--adapt ...] [--seed 0]
+       [--dusa-topk 2] [--random 1] [--max-dense-candidates 20] [--no-adapt-head]
+       [--batch 2] [--batches 2] [--adapt ...] [--seed 0]
 
-A segmenter bundle (task segmentation, concat conditioning) gets DUSA's per-pixel form
-(`dusa_image_loss`). episodic: one image, steps*accum iterations, Adam step every accum iterations; online:
-`batches` batches of `batch` images, one iteration per batch, a step every accum batches.
-Per image and iteration one eps (shared by the image's candidates) and one uniform [K]
-draw u; candidates are the top `dusa-topk` logits plus `random` classes drawn without
-replacement with softmax(logits) over the rest, as the top of logits + Gumbel(u)
-(Gumbel-top-k); p = softmax of the l2-normalised logits at the candidates; the loss is
-mean((eps - sum_k p_k denoiser(x_t, t, E_k))^2), averaged over the batch's images and
-divided by accum. Saves eps, u (in draw order), the candidates, the losses and the final
-adapted parameters.
+As the authors' recipe, DUSA adapts the whole classifier, head included, unless
+--no-adapt-head. episodic: one image, steps*accum iterations, Adam step every accum
+iterations; online: `batches` batches of `batch` images, one iteration per batch, a step
+every accum batches. Per image and iteration one eps (shared by the image's candidates)
+and one uniform [K] draw u. A classifier's candidates are the top `dusa-topk` logits plus
+`random` classes drawn without replacement with softmax(logits) over the rest, as the top
+of logits + Gumbel(u) (Gumbel-top-k); p = softmax of the l2-normalised logits at the
+candidates. A segmenter's candidates are the union of every pixel's top `dusa-topk`
+classes, every pixel's top-1 always kept, at most `max-dense-candidates` (the others by
+how many pixels rank them), ascending (`dusa_dense_candidates`); p(u) is the plain
+per-pixel softmax over them. The loss is mean((eps - sum_k p_k denoiser(x_t, t, E_k))^2),
+averaged over the batch's images and divided by accum. Saves eps, u (in draw order), the
+candidates (concatenated, with their counts), the losses and the final adapted parameters.
 
 Images mode (a benchmark baseline; OUT.safetensors is not used):
 
@@ -50,7 +54,9 @@ encoder once, then steps*accum iterations (classifier re-run every iteration, lo
 optimizer step every accum iterations), the prediction after, then (episodic) every
 adapted parameter is restored and the optimizer is made anew. The knobs are dtta's
 `[tta]` keys with dtta's defaults; the (t, eps) draws come from torch's generator seeded
-per image exactly as dtta's SeededNoise does (seed, key), so both see the same draws.
+per image from (seed, key) with dtta's FNV-1a mix. dtta draws from a generator of its
+own (src/rng.rs, xoshiro256**), so the two see draws of the same distribution, not the
+same draws: compare their accuracies over many images, not image by image.
 `--bf16` is CUDA autocast to bfloat16 around the forward passes, as tta.precision =
 "bf16" (an error on the CPU, as in dtta). Seconds per image cover the device copy of the
 views through the prediction after (what dtta's adapt_ms covers), with a device sync at
@@ -91,6 +97,8 @@ def main():
     dusa.add_argument("--timestep", type=int, default=100)
     dusa.add_argument("--dusa-topk", type=int, default=2)
     dusa.add_argument("--random", type=int, default=1)
+    dusa.add_argument("--max-dense-candidates", type=int, default=20)
+    dusa.add_argument("--no-adapt-head", action="store_true", help="leave the classifier's head out")
     dusa.add_argument("--batch", type=int, default=2, help="images per online batch")
     dusa.add_argument("--batches", type=int, default=2, help="online batches")
     images = ap.add_argument_group("images mode")
@@ -195,20 +203,32 @@ def dusa_candidates(logits_row, u_row, k, m):
     return top + drawn
 
 
+def dusa_dense_candidates(logits_row, k, cap):
+    """A segmenter's candidates from its [K,h,w] logits, as the authors build them: every
+    pixel's top-1 class, then the classes in some pixel's top k by how many pixels rank
+    them (ties: lower class first), at most `cap` (never dropping a top-1), ascending."""
+    K = logits_row.shape[0]
+    ranked = torch.bincount(logits_row.topk(min(k, K), dim=0).indices.flatten(), minlength=K)
+    top1 = torch.bincount(logits_row.argmax(dim=0).flatten(), minlength=K)
+    chosen = [c for c in range(K) if top1[c] > 0]
+    others = sorted((c for c in range(K) if top1[c] == 0 and ranked[c] > 0), key=lambda c: (-int(ranked[c]), c))
+    return sorted(chosen + others[:max(cap - len(chosen), 0)])
+
+
 def dusa_image_loss(logits_row, cand, z0_row, eps_row, t, denoiser, E, abar, C):
     """One image's DUSA loss: its candidates' noise predictions (each under its own
     class embedding) mixed with p = softmax of the LogitNorm logits at the candidates.
 
-    A segmenter's logits_row is [K,h,w]: LogitNorm and the softmax are per pixel, p is
-    resampled to the latent's size (bilinear, align_corners=False), and candidate j's
-    condition is E_j at every pixel (concat conditioning), so the mixture is per pixel."""
+    A segmenter's logits_row is [K,h,w]: p is the plain per-pixel softmax over the
+    candidates (no LogitNorm, as the authors' segmentation code), resampled to the
+    latent's size (bilinear, align_corners=False), and candidate j's condition is E_j at
+    every pixel (concat conditioning), so the mixture is per pixel."""
     a = abar[t]
     z_t = a.sqrt() * z0_row + (1 - a).sqrt() * eps_row
     b = len(cand)
     steps = torch.full((b,), t, dtype=torch.int64)
     if logits_row.dim() == 3:
-        z = logits_row / logits_row.norm(dim=0, keepdim=True)
-        p = torch.nn.functional.interpolate(z[cand].softmax(0).unsqueeze(0), size=z0_row.shape[-2:],
+        p = torch.nn.functional.interpolate(logits_row[cand].softmax(0).unsqueeze(0), size=z0_row.shape[-2:],
                                             mode="bilinear", align_corners=False)[0]
         cond = E[cand][:, :, None, None].expand(b, E.shape[1], *z0_row.shape[-2:])
         preds = denoiser(z_t.unsqueeze(0).expand(b, *z_t.shape), steps, cond)[:, :C].float()
@@ -243,7 +263,7 @@ def run_dusa(args):
     with torch.no_grad():
         z0 = encoder(x_gen) * diff.get("latent_scale", 1.0) if encoder is not None else x_gen.clone()
     C = z0.shape[1]
-    params = adapted_parameters(classifier, denoiser, cls_spec, args.adapt)
+    params = adapted_parameters(classifier, denoiser, cls_spec, args.adapt, with_head=not args.no_adapt_head)
     opt = torch.optim.Adam([p for _, p in params], lr=lr)
 
     # iteration -> list of image indices it covers
@@ -259,10 +279,11 @@ def run_dusa(args):
             u = torch.rand(K)
             eps_all.append(eps)
             u_all.append(u)
-            # A segmenter's candidates come from its mean logits over pixels.
             scores = logits[row].detach()
-            scores = scores.mean(dim=(1, 2)) if scores.dim() == 3 else scores
-            cand = dusa_candidates(scores, u, args.dusa_topk, args.random)
+            if scores.dim() == 3:
+                cand = dusa_dense_candidates(scores, args.dusa_topk, args.max_dense_candidates)
+            else:
+                cand = dusa_candidates(scores, u, args.dusa_topk, args.random)
             cands.append(torch.tensor(cand))
             total = total + dusa_image_loss(logits[row], cand, z0[i], eps, args.timestep, denoiser, E, abar, C)
         loss = total / len(idx) / accum
@@ -277,7 +298,8 @@ def run_dusa(args):
         "x_gen": x_gen.contiguous(),
         "eps": torch.stack(eps_all).contiguous(),
         "u": torch.stack(u_all).contiguous(),
-        "candidates": torch.stack(cands).contiguous(),
+        "candidates": torch.cat(cands).contiguous(),
+        "candidate_counts": torch.tensor([len(c) for c in cands]),
         "losses": torch.stack(losses).contiguous(),
     }
     for name, p in params:
@@ -294,13 +316,14 @@ def run_dusa(args):
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def adapted_parameters(classifier, denoiser, cls_spec, adapt):
+def adapted_parameters(classifier, denoiser, cls_spec, adapt, with_head=False):
     """(name, parameter) of what `adapt` selects, as dtta does; sets requires_grad on all.
 
-    The classifier's head never adapts; `norm` keeps only the bundle's norm affines;
-    `classifier+diffusion` adds every denoiser parameter.
+    The classifier's head adapts only `with_head` (DUSA's recipe); `norm` keeps only the
+    bundle's norm affines; `classifier+diffusion` adds every denoiser parameter.
     """
-    head, norm = set(cls_spec.get("head", [])), set(cls_spec.get("norm", []))
+    head = set() if with_head else set(cls_spec.get("head", []))
+    norm = set(cls_spec.get("norm", []))
     params = []
     for name, p in classifier.named_parameters():
         chosen = name not in head and (adapt != "norm" or name in norm)
@@ -364,7 +387,8 @@ def iteration_loss(classifier, denoiser, x, z0, t, eps, E, abar, topk, C, args):
 
 
 def image_seed(seed, key):
-    """dtta's per-image torch seed (src/tta/schedule.rs image_seed): FNV-1a over the key."""
+    """A per-image torch seed: dtta's FNV-1a mix of (seed, key) (src/tta/schedule.rs
+    image_seed), halved to fit torch's seed range."""
     mask = (1 << 64) - 1
     h = 0xCBF29CE484222325 ^ ((seed * 0x9E3779B97F4A7C15) & mask)
     for b in key.encode():

@@ -170,8 +170,15 @@ pub struct DusaConfig {
     /// Optimizer steps per image (episodic mode; online mode runs one pass per batch).
     pub steps: usize,
     /// Passes (episodic: per-image iterations; online: batches) whose gradients
-    /// accumulate into one optimizer step.
+    /// accumulate into one optimizer step (online, `runtime.batch_size = 8` and
+    /// `accum = 8` is the authors' 64 images per update).
     pub accum: usize,
+    /// Adapt the classifier's head too (the authors' recipe adapts the whole
+    /// classifier); false leaves the bundle's `classifier.head` out, as Diffusion-TTA.
+    pub adapt_head: bool,
+    /// Segmenters: the most candidate classes per image (the union of every pixel's top
+    /// `topk`; every pixel's top-1 is kept even past this). The authors use 20.
+    pub max_dense_candidates: usize,
 }
 
 impl Default for DusaConfig {
@@ -183,6 +190,8 @@ impl Default for DusaConfig {
             lr: 1e-5,
             steps: 1,
             accum: 1,
+            adapt_head: true,
+            max_dense_candidates: 20,
         }
     }
 }
