@@ -339,6 +339,7 @@ fn the_kubernetes_manifest_runs_an_indexed_job_per_night() {
         "robustness-eval-depth.toml",
         "demo-seg.toml",
         "demo-depth.toml",
+        "dusa-imagenet-c.toml",
     ] {
         let path = repo().join("pipelines").join(pipeline);
         dtta::config::PipelineConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{pipeline}: {e}"));
