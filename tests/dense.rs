@@ -22,22 +22,6 @@ fn depth_bundle() -> PathBuf {
     repo().join("configs/bundles/demo-depth")
 }
 
-/// Writes a pipeline over `input` with `bundle` and runs it with `sets`.
-fn run(dir: &Path, name: &str, input: &str, bundle: &Path, sets: &[&str]) -> std::process::Output {
-    let path = dir.join(format!("{name}.toml"));
-    let text = format!(
-        "[input]\nurl = \"{input}\"\n[output]\nurl = \"{}\"\n[model]\nbundle = \"{}\"\n[runtime]\ndevice = \"cpu\"\n",
-        dir.join(name).display(),
-        bundle.display()
-    );
-    std::fs::write(&path, text).unwrap();
-    let mut args = vec!["run", path.to_str().unwrap(), "--no-progress"];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    run_dtta(&args)
-}
-
 /// The members of a tar shard by name.
 fn members(path: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -75,7 +59,7 @@ fn list(a: &ListArray, r: usize) -> Vec<i64> {
 fn run_source(dir: &Path, task: &str) -> BTreeMap<String, Vec<u8>> {
     let shard = repo().join(format!("data/demo-{task}/shard-000000.tar"));
     let bundle = if task == "seg" { seg_bundle() } else { depth_bundle() };
-    let o = run(dir, "source", shard.to_str().unwrap(), &bundle, &[]);
+    let o = run_bundle(dir, "source", shard.to_str().unwrap(), &bundle, &[]);
     assert!(o.status.success(), "{}", text(&o));
     members(&shard)
 }
@@ -250,7 +234,7 @@ fn bad_dense_labels_cost_the_label_not_the_row() {
     let shard = dir.path().join("bad.tar");
     write_tar(&shard, &members);
     let sets = ["corrupt.kinds=[\"fog\"]", "corrupt.severities=[2]"];
-    let o = run(dir.path(), "out", shard.to_str().unwrap(), &seg_bundle(), &sets);
+    let o = run_bundle(dir.path(), "out", shard.to_str().unwrap(), &seg_bundle(), &sets);
     assert!(o.status.success(), "{}", text(&o));
     let mut seen = BTreeMap::new();
     for b in committed_batches(&dir.path().join("out"), "predictions") {
@@ -313,7 +297,7 @@ with wds.TarWriter(dst) as w:
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let o = run(dir.path(), "out", shard.to_str().unwrap(), &seg_bundle(), &[]);
+    let o = run_bundle(dir.path(), "out", shard.to_str().unwrap(), &seg_bundle(), &[]);
     assert!(o.status.success(), "{}", text(&o));
     let batches = committed_batches(&dir.path().join("out"), "predictions");
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
@@ -364,7 +348,7 @@ fn methods_without_a_dense_form_are_refused() {
         ),
     ];
     for (name, input, bundle, method, message) in cases {
-        let o = run(
+        let o = run_bundle(
             dir.path(),
             name,
             input.to_str().unwrap(),
@@ -375,7 +359,7 @@ fn methods_without_a_dense_form_are_refused() {
         assert!(text(&o).contains(message), "{name}: {}", text(&o));
     }
     // TENT adapts a segmenter: every row scored, before and after.
-    let o = run(
+    let o = run_bundle(
         dir.path(),
         "tent",
         seg.to_str().unwrap(),
@@ -426,7 +410,7 @@ fn dusa_adapts_segmenters_episodic_and_online() {
     ] {
         let mut all = vec!["tta.method=dusa", "tta.dusa.lr=1e-3"];
         all.extend(sets);
-        let o = run(dir.path(), name, input.to_str().unwrap(), &seg_bundle(), &all);
+        let o = run_bundle(dir.path(), name, input.to_str().unwrap(), &seg_bundle(), &all);
         assert!(o.status.success(), "{name}: {}", text(&o));
         let out = dir.path().join(name);
         assert_eq!(adapted_rows(&out, name, evals, "mask_after"), 5, "{name}");
@@ -481,7 +465,7 @@ fn diffusion_tta_adapts_segmenters_and_depth_networks() {
     for (name, input, bundle, mode, map) in cases {
         let mut sets = knobs.to_vec();
         sets.push(mode);
-        let o = run(dir.path(), name, input.to_str().unwrap(), &bundle, &sets);
+        let o = run_bundle(dir.path(), name, input.to_str().unwrap(), &bundle, &sets);
         assert!(o.status.success(), "{name}: {}", text(&o));
         let out = dir.path().join(name);
         // steps x accum x samples evaluations per image.
@@ -524,7 +508,7 @@ fn diffusion_tta_adapts_segmenters_and_depth_networks() {
         }
     }
     // A budget reads an image-level prediction: refused for dense tasks.
-    let o = run(
+    let o = run_bundle(
         dir.path(),
         "budget",
         small("seg").to_str().unwrap(),
@@ -616,7 +600,7 @@ fn mutated_dense_labels_cost_one_label_each() {
         }
         let shard = dir.path().join(format!("{task}.tar"));
         write_tar(&shard, &out);
-        let o = run(dir.path(), task, shard.to_str().unwrap(), &bundle, &[]);
+        let o = run_bundle(dir.path(), task, shard.to_str().unwrap(), &bundle, &[]);
         assert!(o.status.success(), "seed {seed}, {task}: {}", text(&o));
         let mut rows = 0;
         let map = if task == "seg" { "mask_after" } else { "depth_after" };

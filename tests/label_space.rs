@@ -17,6 +17,8 @@ use common::*;
 /// The kept classes: the upper half of the digits, so that the lower digits in the
 /// input must still be predicted inside it. Written as their positions 0..5.
 const SUBSET: [i64; 5] = [5, 6, 7, 8, 9];
+/// The seed of the runs made with [`run_bundle`].
+const SEED: &str = "runtime.seed=3";
 
 /// The position of model class `c` in [`SUBSET`], if kept.
 fn position(c: i64) -> Option<i64> {
@@ -299,23 +301,6 @@ fn label_spaces_that_do_not_fit_are_refused_before_anything_runs() {
     }
 }
 
-/// Writes a pipeline over `input` with `bundle` into `DIR/NAME.toml` and runs it with
-/// `sets`; the output goes to `DIR/NAME`.
-fn run_bundle(dir: &Path, name: &str, input: &str, bundle: &Path, sets: &[&str]) -> std::process::Output {
-    let path = dir.join(format!("{name}.toml"));
-    let text = format!(
-        "[input]\nurl = \"{input}\"\n[output]\nurl = \"{}\"\n[model]\nbundle = \"{}\"\n[runtime]\ndevice = \"cpu\"\nseed = 3\n",
-        dir.join(name).display(),
-        bundle.display()
-    );
-    std::fs::write(&path, text).unwrap();
-    let mut args = vec!["run", path.to_str().unwrap(), "--no-progress"];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    run_dtta(&args)
-}
-
 #[test]
 fn a_label_map_top_k_lists_each_dataset_class_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -459,7 +444,7 @@ fn imagenet_r_laid_out_as_published_scores_in_its_own_label_space() {
         ("folder-full", folder_url.as_str(), "input.format=folder", None),
     ];
     for (name, input, format, subset) in cases {
-        let mut sets = vec![format, "input.folder.shard_size=64"];
+        let mut sets = vec![format, "input.folder.shard_size=64", SEED];
         sets.extend(subset);
         let o = run_bundle(dir.path(), name, input, &bundle, &sets);
         assert!(o.status.success(), "{name}: {}", text(&o));
@@ -592,7 +577,7 @@ fn segmentation_takes_a_subset_or_a_label_map_with_every_dense_method() {
     let dir = tempfile::tempdir().unwrap();
     let input = seg_scenes(dir.path(), 4);
     let input = input.to_str().unwrap();
-    let o = run_bundle(dir.path(), "full", input, &seg_bundle(), &["tta.method=source"]);
+    let o = run_bundle(dir.path(), "full", input, &seg_bundle(), &["tta.method=source", SEED]);
     assert!(o.status.success(), "{}", text(&o));
     let full = masks(&dir.path().join("full"));
     assert_eq!(full.len(), 4);
@@ -604,7 +589,7 @@ fn segmentation_takes_a_subset_or_a_label_map_with_every_dense_method() {
         for (method, sets) in DENSE_METHODS {
             let name = format!("{space}-{method}");
             let mut all = sets.to_vec();
-            all.push(set);
+            all.extend([set.as_str(), SEED]);
             let o = run_bundle(dir.path(), &name, input, &seg_bundle(), &all);
             assert!(o.status.success(), "{name}: {}", text(&o));
             let out = dir.path().join(&name);

@@ -120,6 +120,23 @@ pub fn write_pipeline(dir: &Path, input_url: &str, output_url: &str, extra: &str
     path
 }
 
+/// Writes a pipeline over `input` with `bundle` into `DIR/NAME.toml` (output `DIR/NAME`,
+/// on the CPU) and runs it with `--set` for each of `sets`.
+pub fn run_bundle(dir: &Path, name: &str, input: &str, bundle: &Path, sets: &[&str]) -> Output {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "[input]\nurl = \"{input}\"\n[output]\nurl = \"{}\"\n[model]\nbundle = \"{}\"\n[runtime]\ndevice = \"cpu\"\n",
+        dir.join(name).display(),
+        bundle.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut args = vec!["run", path.to_str().unwrap(), "--no-progress"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    run_dtta(&args)
+}
+
 /// A bundle folder's digest as the README defines it, computed by the shell pipeline
 /// (coreutils), not by dtta.
 pub fn shell_bundle_sha256(dir: &Path) -> String {

@@ -64,24 +64,11 @@ impl SplitMix64 {
 }
 
 /// The mean of `diffs` and its `spec.level` percentile interval over `spec.resamples`
-/// resamples of the same size; `None` for no data.
+/// resamples of the same size, each difference independent (one per image); `None` for
+/// no data.
 pub fn paired(diffs: &[f64], spec: Spec) -> Option<Interval> {
-    if diffs.is_empty() {
-        return None;
-    }
-    let n = diffs.len();
-    let mean = diffs.iter().sum::<f64>() / n as f64;
-    let mut rng = SplitMix64(spec.seed);
-    let mut means: Vec<f64> = (0..spec.resamples.max(1))
-        .map(|_| (0..n).map(|_| diffs[rng.below(n)]).sum::<f64>() / n as f64)
-        .collect();
-    means.sort_by(f64::total_cmp);
-    let tail = (1.0 - spec.level) / 2.0;
-    Some(Interval {
-        mean,
-        low: quantile_sorted(&means, tail),
-        high: quantile_sorted(&means, 1.0 - tail),
-    })
+    let singletons: Vec<Vec<f64>> = diffs.iter().map(|d| vec![*d]).collect();
+    clustered(&singletons, spec)
 }
 
 /// The mean over every difference of `clusters` (one cluster per image: its differences
