@@ -78,7 +78,9 @@ pub struct ModelConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// The classes every method may predict: `"imagenet-r"`, `"imagenet-a"`, a file of
-    /// class indices, or `[i, j, ...]`; the logits are restricted before the softmax.
+    /// class indices, or `[i, j, ...]`, in ascending order (else refused); the logits
+    /// are restricted before the softmax, and predictions are written as positions in
+    /// the list (the benchmark's own 0..n-1, as its sorted wnid folders number them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_subset: Option<ClassSubset>,
     /// Maps predicted model classes onto dataset classes (`"objectnet"` or a file, one

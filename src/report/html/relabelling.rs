@@ -169,7 +169,9 @@ pub fn render(r: &Relabelling) -> String {
         .collect();
     let _ = write!(
         h,
-        "<p class=\"caption\">Predictions after adaptation against before it (the same classifier unadapted). {}. \
+        "<p class=\"caption\">Predictions after adaptation against each row's own prediction before it (pred_before: \
+         the classifier unadapted for episodic methods; for online methods the adapting stream before its update, \
+         and for DUSA online the same forward as after). {}. \
          Where no label exists the split reads n/a.</p>",
         esc(&words.join("; "))
     );
