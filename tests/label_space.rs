@@ -91,6 +91,20 @@ fn run(dir: &Path, input: &str, name: &str, tta: &str, sets: &[&str]) -> std::pr
     run_dtta(&args)
 }
 
+/// Runs the source method over `input` twice, into `DIR/full` and, with a label map
+/// file holding `map`, into `DIR/mapped`; both must succeed. The mapped run's output.
+fn source_full_and_mapped(dir: &Path, input: &str, map: &str) -> std::process::Output {
+    let path = dir.join("map.txt");
+    std::fs::write(&path, map).unwrap();
+    let source = METHODS[0].1;
+    let o = run(dir, input, "full", source, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let set = format!("model.label_map={}", path.display());
+    let o = run(dir, input, "mapped", source, &[&set]);
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
 fn rows(out: &Path) -> BTreeMap<String, Classes> {
     let mut map = BTreeMap::new();
     for b in committed_batches(out, "predictions") {
@@ -220,14 +234,7 @@ fn a_label_map_writes_dataset_classes() {
     let dir = tempfile::tempdir().unwrap();
     let input = input(dir.path());
     // Dataset classes: 0 = small digits {0, 1, 2}, 1 = large digits {7, 8, 9}; 3..6 unmapped.
-    let map = dir.path().join("sizes.txt");
-    std::fs::write(&map, "# small, large\n0 1 2 # small\n7 8 9 # large\n").unwrap();
-    let source = METHODS[0].1;
-    let o = run(dir.path(), &input, "full", source, &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let set = format!("model.label_map={}", map.display());
-    let o = run(dir.path(), &input, "mapped", source, &[&set]);
-    assert!(o.status.success(), "{}", text(&o));
+    let o = source_full_and_mapped(dir.path(), &input, "# small, large\n0 1 2 # small\n7 8 9 # large\n");
     assert!(
         text(&o).contains("6 of 10 model classes onto 2 dataset classes"),
         "{}",
@@ -307,14 +314,7 @@ fn a_label_map_top_k_lists_each_dataset_class_once() {
     let input = input(dir.path());
     // Every digit mapped (even, odd): the restricted logits are the full ones, so the
     // mapped top-k is the full top-k with each parity at its best digit.
-    let map = dir.path().join("parity.txt");
-    std::fs::write(&map, "0 2 4 6 8 # even\n1 3 5 7 9 # odd\n").unwrap();
-    let source = METHODS[0].1;
-    let o = run(dir.path(), &input, "full", source, &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    let set = format!("model.label_map={}", map.display());
-    let o = run(dir.path(), &input, "mapped", source, &[&set]);
-    assert!(o.status.success(), "{}", text(&o));
+    source_full_and_mapped(dir.path(), &input, "0 2 4 6 8 # even\n1 3 5 7 9 # odd\n");
     let full = rows(&dir.path().join("full"));
     let mapped = rows(&dir.path().join("mapped"));
     assert_eq!(mapped.len(), 10);

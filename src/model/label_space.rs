@@ -344,6 +344,22 @@ mod tests {
         LabelSpace::resolve(Some(&s), None, n, Task::Classification)
     }
 
+    /// The subset that a list file holding `text` gives over `n` classes.
+    fn subset_file(text: &str, n: usize) -> Result<Option<LabelSpace>, LabelSpaceError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("list.txt");
+        std::fs::write(&path, text).unwrap();
+        subset(ClassSubset::Named(path.display().to_string()), n)
+    }
+
+    /// The label map that a map file holding `text` gives over 10 classes.
+    fn map_file(text: &str, task: Task) -> Result<Option<LabelSpace>, LabelSpaceError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("map.txt");
+        std::fs::write(&path, text).unwrap();
+        LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, task)
+    }
+
     #[test]
     fn no_subset_and_no_map_is_the_full_space() {
         assert_eq!(LabelSpace::resolve(None, None, 10, Task::Classification).unwrap(), None);
@@ -370,12 +386,7 @@ mod tests {
             e.starts_with("model.class_subset: the inline list: class 2 is listed after class 7; list the classes in ascending order"),
             "{e}"
         );
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("list.txt");
-        std::fs::write(&path, "1\n3\n9\n4\n").unwrap();
-        let e = subset(ClassSubset::Named(path.display().to_string()), 10)
-            .unwrap_err()
-            .to_string();
+        let e = subset_file("1\n3\n9\n4\n", 10).unwrap_err().to_string();
         assert!(e.contains("class 4 is listed after class 9"), "{e}");
     }
 
@@ -383,12 +394,7 @@ mod tests {
     fn no_class_passes_through_unmapped() {
         let s = subset(ClassSubset::Indices(vec![2, 5, 7]), 10).unwrap().unwrap();
         assert_eq!(s.output_class(-1), -1);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("map.txt");
-        std::fs::write(&path, "4\n8 9\n").unwrap();
-        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Segmentation)
-            .unwrap()
-            .unwrap();
+        let m = map_file("4\n8 9\n", Task::Segmentation).unwrap().unwrap();
         assert_eq!(m.output_class(-1), -1);
         assert_eq!(m.output_topk(&[], &[]), (vec![], vec![]));
     }
@@ -402,10 +408,7 @@ mod tests {
 
     #[test]
     fn label_map_top_k_lists_each_dataset_class_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("parity.txt");
-        std::fs::write(&path, "0 2 4 6 8\n1 3 5 7 9\n").unwrap();
-        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
+        let m = map_file("0 2 4 6 8\n1 3 5 7 9\n", Task::Classification)
             .unwrap()
             .unwrap();
         // Model classes 4, 6, 3, 8, 1 (columns = model classes here): even, even, odd, ...
@@ -430,27 +433,18 @@ mod tests {
 
     #[test]
     fn subset_file_with_comments_and_a_bad_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("five.txt");
-        std::fs::write(&path, "# five digits\n1\n3 # three\n\n5\n7\n9\n").unwrap();
-        let s = subset(ClassSubset::Named(path.display().to_string()), 10)
+        let s = subset_file("# five digits\n1\n3 # three\n\n5\n7\n9\n", 10)
             .unwrap()
             .unwrap();
         assert_eq!((0..5).map(|c| s.model_class(c)).collect::<Vec<_>>(), [1, 3, 5, 7, 9]);
         assert_eq!((0..5).map(|c| s.output_class(c)).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
-        std::fs::write(&path, "1\nthree\n").unwrap();
-        let e = subset(ClassSubset::Named(path.display().to_string()), 10)
-            .unwrap_err()
-            .to_string();
+        let e = subset_file("1\nthree\n", 10).unwrap_err().to_string();
         assert!(e.ends_with("line 2: \"three\" is not a class index"), "{e}");
     }
 
     #[test]
     fn label_map_sends_each_model_class_to_its_dataset_class() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("parity.txt");
-        std::fs::write(&path, "# even, odd\n0 2 4 6 8 # even\n1 3 5 7 9 # odd\n").unwrap();
-        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
+        let m = map_file("# even, odd\n0 2 4 6 8 # even\n1 3 5 7 9 # odd\n", Task::Classification)
             .unwrap()
             .unwrap();
         assert_eq!(m.len(), 10);
@@ -459,15 +453,9 @@ mod tests {
             [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
         );
         // A partial map keeps only the mapped classes.
-        std::fs::write(&path, "4\n8 9\n").unwrap();
-        let m = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
-            .unwrap()
-            .unwrap();
+        let m = map_file("4\n8 9\n", Task::Classification).unwrap().unwrap();
         assert_eq!((0..3).map(|c| m.output_class(c)).collect::<Vec<_>>(), [0, 1, 1]);
-        std::fs::write(&path, "4 5\n5\n").unwrap();
-        let e = LabelSpace::resolve(None, Some(path.to_str().unwrap()), 10, Task::Classification)
-            .unwrap_err()
-            .to_string();
+        let e = map_file("4 5\n5\n", Task::Classification).unwrap_err().to_string();
         assert!(e.contains("model class 5 is in dataset classes 0 and 1"), "{e}");
     }
 
