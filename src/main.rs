@@ -1,4 +1,4 @@
-//! The `dtta` command line: run, plan, inspect, summarize, report.
+//! The `dtta` command line: run, plan, inspect, summarize, report, history, vacuum.
 
 use std::fmt::Display;
 use std::io::{self, IsTerminal, StdoutLock, Write};
@@ -6,11 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use dtta::config::units::HumanDuration;
 use dtta::config::PipelineConfig;
 use dtta::model::device::{self, DeviceSpec};
 use dtta::model::Bundle;
 use dtta::pipeline::{self, MixedBundles, ProgressMode};
 use dtta::report::{console, html, summary, tables};
+use dtta::sink::delta::At;
+use dtta::sink::{commit, maintenance};
 use dtta::storage::{self, StoreOptions};
 use dtta::worker::Worker;
 
@@ -43,6 +46,8 @@ enum Command {
     Plan {
         #[command(flatten)]
         pipeline: PipelineArgs,
+        #[command(flatten)]
+        at: SnapshotArgs,
     },
     /// Load a model bundle, run one forward, print what it holds.
     Inspect {
@@ -52,7 +57,11 @@ enum Command {
         device: String,
     },
     /// Aggregate the committed shards under an output URL.
-    Summarize { output_url: String },
+    Summarize {
+        output_url: String,
+        #[command(flatten)]
+        at: SnapshotArgs,
+    },
     /// One self-contained HTML page (charts inline) over the committed shards below the
     /// output URLs; also writes <first URL>/_runs/report.json.
     Report {
@@ -61,7 +70,58 @@ enum Command {
         /// Write the page to this local file instead of <first URL>/_runs/report.html.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        at: SnapshotArgs,
     },
+    /// List the versions of an output's predictions table: when, which run and worker,
+    /// which bundle, how many shards and rows each commit added.
+    History { output_url: String },
+    /// Delete data files that no commit references (runs killed before their commit)
+    /// and that are older than the retention. Referenced files are never deleted.
+    Vacuum {
+        output_url: String,
+        /// Keep unreferenced files younger than this (a run may still be writing them).
+        #[arg(long, default_value = "7d")]
+        retention: HumanDuration,
+        /// Print what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Which version of the output's tables to read (default: the latest).
+#[derive(Args)]
+struct SnapshotArgs {
+    /// Read this version of the predictions table (`dtta history` lists them).
+    #[arg(long, value_name = "N", conflicts_with = "as_of")]
+    version: Option<u64>,
+    /// Read the tables as they were at this time: RFC 3339 (2026-12-01T06:00:00Z) or a
+    /// date (2026-12-01, midnight UTC).
+    #[arg(long, value_name = "TIMESTAMP")]
+    as_of: Option<String>,
+}
+
+impl SnapshotArgs {
+    fn at(&self) -> Result<At, String> {
+        if let Some(v) = self.version {
+            return Ok(At::Version(v));
+        }
+        let Some(text) = &self.as_of else { return Ok(At::Latest) };
+        let time = chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.timestamp_millis())
+            .or_else(|_| {
+                chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").map(|d| {
+                    d.and_hms_opt(0, 0, 0)
+                        .expect("midnight exists")
+                        .and_utc()
+                        .timestamp_millis()
+                })
+            })
+            .map_err(|_| {
+                format!("--as-of {text}: not an RFC 3339 time (2026-12-01T06:00:00Z) or a date (2026-12-01)")
+            })?;
+        Ok(At::Timestamp(time))
+    }
 }
 
 #[derive(Args)]
@@ -107,10 +167,20 @@ fn main() -> ExitCode {
                 no_progress,
                 allow_mixed_bundles,
             } => cmd_run(pipeline, no_progress, allow_mixed_bundles).await,
-            Command::Plan { pipeline } => cmd_plan(pipeline).await,
+            Command::Plan { pipeline, at } => cmd_plan(pipeline, at).await,
             Command::Inspect { bundle, device } => cmd_inspect(&bundle, &device).await,
-            Command::Summarize { output_url } => cmd_summarize(&output_url).await,
-            Command::Report { output_urls, output } => cmd_report(&output_urls, output).await,
+            Command::Summarize { output_url, at } => cmd_summarize(&output_url, at).await,
+            Command::Report {
+                output_urls,
+                output,
+                at,
+            } => cmd_report(&output_urls, output, at).await,
+            Command::History { output_url } => cmd_history(&output_url).await,
+            Command::Vacuum {
+                output_url,
+                retention,
+                dry_run,
+            } => cmd_vacuum(&output_url, retention, dry_run).await,
         }
     });
     done.err().unwrap_or(ExitCode::SUCCESS)
@@ -173,9 +243,17 @@ async fn cmd_run(args: PipelineArgs, no_progress: bool, allow_mixed_bundles: boo
     printed
 }
 
-async fn cmd_plan(args: PipelineArgs) -> Result<(), ExitCode> {
+async fn cmd_plan(args: PipelineArgs, at: SnapshotArgs) -> Result<(), ExitCode> {
     let (config, worker) = args.load().or_fail(2)?;
-    let plan = pipeline::plan(&config, worker).await.or_fail(1)?;
+    let at = at.at().or_fail(2)?;
+    let mut plan = pipeline::plan(&config, worker).await.or_fail(1)?;
+    if at != At::Latest {
+        plan.committed = commit::read_markers_at(&plan.output, at)
+            .await
+            .or_fail(1)?
+            .into_keys()
+            .collect();
+    }
     print(|w| tables::write_plan(w, &worker, &plan.shards, plan.total_listed, &plan.committed))
 }
 
@@ -187,21 +265,23 @@ async fn cmd_inspect(location: &str, device: &str) -> Result<(), ExitCode> {
     print(|w| console::write_inspection(w, &inspection))
 }
 
-async fn cmd_summarize(output_url: &str) -> Result<(), ExitCode> {
+async fn cmd_summarize(output_url: &str, at: SnapshotArgs) -> Result<(), ExitCode> {
+    let at = at.at().or_fail(2)?;
     let out = storage::open(output_url, &StoreOptions::default()).or_fail(1)?;
-    let summary = summary::summarize(&out).await.or_fail(1)?;
+    let summary = summary::summarize(&out, at).await.or_fail(1)?;
     print(|w| tables::write_summary(w, &summary))?;
     let written = summary::write(&out, &summary).await.or_fail(1)?;
     print(|w| writeln!(w, "written: {}", written.join(", ")))
 }
 
-async fn cmd_report(output_urls: &[String], file: Option<PathBuf>) -> Result<(), ExitCode> {
+async fn cmd_report(output_urls: &[String], file: Option<PathBuf>, at: SnapshotArgs) -> Result<(), ExitCode> {
+    let at = at.at().or_fail(2)?;
     let outs = output_urls
         .iter()
         .map(|url| storage::open(url, &StoreOptions::default()))
         .collect::<Result<Vec<_>, _>>()
         .or_fail(1)?;
-    let report = html::build(&outs).await.or_fail(1)?;
+    let report = html::build(&outs, at).await.or_fail(1)?;
     let page = html::render(&report);
     let mut written = vec![html::write_json(&outs[0], &report).await.or_fail(1)?];
     match file {
@@ -214,4 +294,16 @@ async fn cmd_report(output_urls: &[String], file: Option<PathBuf>) -> Result<(),
         None => written.push(html::write_html(&outs[0], page).await.or_fail(1)?),
     }
     print(|w| writeln!(w, "written: {}", written.join(", ")))
+}
+
+async fn cmd_history(output_url: &str) -> Result<(), ExitCode> {
+    let out = storage::open(output_url, &StoreOptions::default()).or_fail(1)?;
+    let history = maintenance::history(&out).await.or_fail(1)?;
+    print(|w| tables::write_history(w, &out.display, &history))
+}
+
+async fn cmd_vacuum(output_url: &str, retention: HumanDuration, dry_run: bool) -> Result<(), ExitCode> {
+    let out = storage::open(output_url, &StoreOptions::default()).or_fail(1)?;
+    let reports = maintenance::vacuum(&out, retention.0, dry_run).await.or_fail(1)?;
+    print(|w| tables::write_vacuum(w, &reports, retention, dry_run))
 }

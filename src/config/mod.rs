@@ -8,7 +8,7 @@
 //! loads and checks the file, and owns only the job-wide sections (output, model,
 //! runtime, limits).
 
-mod units;
+pub mod units;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -64,8 +64,25 @@ pub struct PipelineConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
-    /// Object-store URL or local folder; predictions/, _commits/ and _runs/ go below it.
+    /// Object-store URL or local folder; the Delta tables predictions/ and steps/, and
+    /// _runs/, go below it.
     pub url: String,
+    /// A Delta checkpoint every this many commits per table, so opening a table reads one
+    /// checkpoint plus fewer than this many commit files.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+}
+
+fn default_checkpoint_interval() -> u64 {
+    crate::sink::commit::DEFAULT_CHECKPOINT_INTERVAL
+}
+
+/// sha256 (hex) of a config as JSON with sorted keys: the digest that commits and the
+/// report show for a run's config (credentials stripped before).
+pub fn digest(config: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(config).expect("JSON values serialize");
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

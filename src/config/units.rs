@@ -75,7 +75,7 @@ impl Serialize for ByteSize {
     }
 }
 
-/// A duration written as `500ms`, `30s`, `5m` or `1h`.
+/// A duration written as `500ms`, `30s`, `5m`, `1h` or `7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -91,7 +91,8 @@ impl FromStr for HumanDuration {
             "s" | "" => Duration::from_secs(n),
             "m" | "min" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
-            other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s, m, h)")),
+            "d" => Duration::from_secs(n * 86_400),
+            other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s, m, h, d)")),
         };
         Ok(HumanDuration(d))
     }

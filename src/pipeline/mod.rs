@@ -96,14 +96,15 @@ pub enum PipelineError {
 impl PipelineError {
     /// The process exit code: 2 when the run was refused as configured (a bundle that
     /// is not the pinned one, one that would mix two models in an output, a label space
-    /// that does not fit the classifier, or a method the bundle and config cannot run),
-    /// 1 otherwise.
+    /// that does not fit the classifier, a method the bundle and config cannot run, or an
+    /// output written by an older dtta), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             PipelineError::Bundle(BundleError::PinMismatch { .. })
             | PipelineError::MixedBundles { .. }
             | PipelineError::LabelSpace(_)
-            | PipelineError::Method(BuildError::Unsupported { .. }) => 2,
+            | PipelineError::Method(BuildError::Unsupported { .. })
+            | PipelineError::Sink(SinkError::OldLayout { .. }) => 2,
             _ => 1,
         }
     }
@@ -135,6 +136,8 @@ pub struct Plan {
     /// Every shard listed, across all workers.
     pub total_listed: usize,
     pub committed: BTreeSet<String>,
+    /// The committed shards' markers (all workers'), from the predictions table.
+    pub markers: std::collections::BTreeMap<String, commit::CommitMarker>,
 }
 
 impl Plan {
@@ -165,13 +168,14 @@ pub async fn plan(config: &PipelineConfig, worker: Worker) -> Result<Plan, Pipel
     }
     let total_listed = listed.len();
     let output = storage::open(&config.output.url, &options)?;
-    let committed = commit::committed_ids(&output).await?.into_iter().collect();
+    let markers = commit::read_markers(&output).await?;
     Ok(Plan {
         input,
         output,
         shards: worker.share(listed),
         total_listed,
-        committed,
+        committed: markers.keys().cloned().collect(),
+        markers,
     })
 }
 
@@ -236,7 +240,7 @@ pub async fn run(
     mixing: MixedBundles,
 ) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
-    let plan = plan(&config, worker).await?;
+    let mut plan = plan(&config, worker).await?;
     let pin = config.model.sha256.as_deref();
     let bundle = Bundle::open_pinned(&config.model.bundle, &store_options(&config), pin).await?;
     match pin {
@@ -261,8 +265,20 @@ pub async fn run(
     if let Some(space) = &space {
         tracing::info!("label space {}", space.description);
     }
+    let layout = Layout {
+        task: bundle.spec.task,
+        classes: bundle.spec.classifier.num_classes,
+        depth_scale: config.label.depth_scale,
+    };
+    let tables = Arc::new(commit::Tables::new(&plan.output, config.output.checkpoint_interval));
+    // A run killed between a shard's steps and predictions commits: finish the pair
+    // before deciding what is left to do.
+    if !commit::complete_pairs(&tables, &layout).await?.is_empty() {
+        plan.markers = commit::read_markers(&plan.output).await?;
+        plan.committed = plan.markers.keys().cloned().collect();
+    }
     if !plan.todo().is_empty() {
-        check_one_bundle(&plan, &bundle.sha256, mixing).await?;
+        check_one_bundle(&plan, &bundle.sha256, mixing)?;
     }
     let device_spec: DeviceSpec = config.runtime.device.parse().map_err(PipelineError::DeviceSpec)?;
     let device = device::resolve(device_spec)?;
@@ -285,11 +301,8 @@ pub async fn run(
         bundle_sha256: bundle.sha256.clone(),
         device: device::describe(device),
         views,
-        layout: Layout {
-            task: bundle.spec.task,
-            classes: bundle.spec.classifier.num_classes,
-            depth_scale: config.label.depth_scale,
-        },
+        layout,
+        tables,
         prepare: crate::image::prepare,
         method: {
             let (tta, seed, batch_size) = (config.tta.clone(), config.runtime.seed, config.runtime.batch_size);
@@ -311,14 +324,15 @@ pub async fn run(
 /// Refuses (or, allowed, warns about) committed shards of the output that were made with
 /// a bundle other than `ours`: one table should not mix two models silently. Markers
 /// from before dtta recorded digests count as another bundle, since nobody can tell.
-/// Reads every committed marker of the output (all workers'), a few at a time.
-async fn check_one_bundle(plan: &Plan, ours: &str, mixing: MixedBundles) -> Result<(), PipelineError> {
-    if plan.committed.is_empty() {
-        return Ok(());
-    }
-    let digests = commit::bundle_digests(&plan.output, &plan.committed).await?;
+/// Reads the plan's markers (every worker's committed shards, from the table).
+fn check_one_bundle(plan: &Plan, ours: &str, mixing: MixedBundles) -> Result<(), PipelineError> {
     let mut others: std::collections::BTreeMap<Option<&str>, usize> = std::collections::BTreeMap::new();
-    for digest in digests.values().map(Option::as_deref).filter(|d| *d != Some(ours)) {
+    for digest in plan
+        .markers
+        .values()
+        .map(|m| m.bundle_sha256.as_deref())
+        .filter(|d| *d != Some(ours))
+    {
         *others.entry(digest).or_default() += 1;
     }
     if others.is_empty() {
@@ -362,6 +376,8 @@ struct Stages {
     views: Views,
     /// The predictions table's columns.
     layout: Layout,
+    /// The output's Delta tables, which the write stage commits to.
+    tables: Arc<commit::Tables>,
     prepare: PrepareFn,
     method: MethodFactory,
 }
@@ -424,7 +440,7 @@ async fn execute(
         .map(|s| s.id.clone())
         .collect();
     if !committed_here.is_empty() {
-        match commit::sweep_orphans(&plan.output, &committed_here).await {
+        match commit::sweep_orphans(&plan.output, &committed_here, &plan.markers).await {
             Ok(0) => {}
             Ok(n) => tracing::info!("removed {n} uncommitted file(s) of earlier runs of committed shards"),
             Err(e) => tracing::warn!("could not look for files of earlier runs: {e}"),
@@ -518,6 +534,8 @@ async fn execute(
         method: method_name,
         bundle_sha256: stages.bundle_sha256,
         layout: stages.layout,
+        tables: stages.tables,
+        config_sha256: crate::config::digest(&serde_json::to_value(redacted(&config)).expect("configs serialize")),
         worker,
         sources: todo
             .iter()

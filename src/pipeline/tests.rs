@@ -182,6 +182,7 @@ async fn run_with(config: PipelineConfig, fault: Option<(&'static str, Fault)>, 
         bundle_sha256: "0".repeat(64),
         device: "cpu".into(),
         layout: crate::sink::predictions::Layout::CLASSIFICATION,
+        tables: Arc::new(commit::Tables::new(&output, 100)),
         views: Views {
             classifier: ClassifierView {
                 channels: Channels::Gray,

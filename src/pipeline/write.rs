@@ -1,9 +1,9 @@
 //! Write stage (tokio): one Parquet writer pair per shard in flight; a shard's rows are
 //! committed when its End arrives and the row count matches, never otherwise.
 //!
-//! Commit policy: data files first, then the commit marker (`sink::commit`); a shard
-//! another run committed first is discarded; after our commit, files of the same shard
-//! left by killed runs are removed (best effort).
+//! Commit policy: data files first, then one Delta commit per table (`sink::commit`); a
+//! shard another run committed first is discarded; after our commit, files of the same
+//! shard left by killed runs are removed (best effort).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +32,10 @@ pub(super) struct WriteStage {
     pub bundle_sha256: String,
     /// The predictions table's columns (dense tasks add theirs).
     pub layout: Layout,
+    /// The output's tables; their snapshots are reused from commit to commit.
+    pub tables: Arc<commit::Tables>,
+    /// sha256 of the run's config, in every commit's facts.
+    pub config_sha256: String,
     pub worker: Worker,
     /// Shard id -> where it was read from, for the commit marker.
     pub sources: HashMap<String, String>,
@@ -109,21 +113,23 @@ impl WriteStage {
 
     async fn commit(&self, writer: ShardWriter, report: &mut RunReport) -> Result<(), PipelineError> {
         let shard = writer.shard().to_string();
-        let (predictions, steps, tally) = writer.finish().await?;
+        let files = writer.finish(&self.output).await?;
+        let tally = files.tally.clone();
         let marker = CommitMarker {
             shard: shard.clone(),
             run_id: self.run_id.clone(),
-            predictions: predictions.clone(),
-            steps: steps.clone(),
+            predictions: files.predictions.rel.clone(),
+            steps: files.steps.rel.clone(),
             source: self.sources.get(&shard).cloned().unwrap_or_default(),
             method: self.method.to_string(),
             bundle_sha256: Some(self.bundle_sha256.clone()),
+            config_sha256: Some(self.config_sha256.clone()),
             worker_index: self.worker.index,
             worker_count: self.worker.count,
             committed_at: chrono::Utc::now().to_rfc3339(),
             tally: tally.clone(),
         };
-        match commit::commit(&self.output, &marker).await? {
+        match commit::commit(&self.tables, &marker, (&files.predictions, &files.steps), &self.layout).await? {
             CommitResult::Committed => {
                 // Best effort: the shard is committed; leftovers only cost space.
                 match commit::remove_orphans(&self.output, &shard, &self.run_id).await {
@@ -139,8 +145,8 @@ impl WriteStage {
                     shard,
                     "another run committed this shard first; discarding this run's output for it"
                 );
-                for rel in [predictions, steps] {
-                    let _ = self.output.store.delete(&self.output.child(&rel)).await;
+                for rel in [&files.predictions.rel, &files.steps.rel] {
+                    let _ = self.output.store.delete(&self.output.child(rel)).await;
                 }
                 report.shards_lost_race.push(shard);
             }

@@ -9,7 +9,7 @@
 //! Runs with `[corrupt]` also get the robustness table, one row per method and variant,
 //! written as `_runs/robustness.csv` and `_runs/robustness.parquet`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt64Array};
@@ -21,7 +21,8 @@ use parquet::arrow::AsyncArrowWriter;
 use serde::Serialize;
 
 use crate::sample::Variant;
-use crate::sink::commit::read_markers;
+use crate::sink::commit::{read_markers_at, CommitMarker};
+use crate::sink::delta::At;
 use crate::sink::{SinkError, Tally};
 use crate::storage::{retrying, Location};
 
@@ -120,14 +121,19 @@ struct FailedFacts {
     error: String,
 }
 
-pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
+/// Summarizes the committed shards below `out` as of `at` (README, "Outputs": time
+/// travel); at an older version, only the runs that committed shards by then count.
+pub async fn summarize(out: &Location, at: At) -> Result<Summary, SinkError> {
     let mut markers = Vec::new();
     let mut runs = Vec::new();
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
     let mut run_list = Vec::new();
-    for output in outputs_below(out).await? {
-        let committed = read_markers(&output).await?;
-        let output_runs: Vec<RunFacts> = read_runs(&output).await?;
+    for (output, committed) in committed_below(std::slice::from_ref(out), at).await? {
+        let mut output_runs: Vec<RunFacts> = read_runs(&output).await?;
+        if at != At::Latest {
+            let in_snapshot: BTreeSet<&str> = committed.values().map(|m| m.run_id.as_str()).collect();
+            output_runs.retain(|r| in_snapshot.contains(r.run_id.as_str()));
+        }
         for f in output_runs.iter().flat_map(|r| &r.shards_failed) {
             if !committed.contains_key(&f.shard) {
                 failed.insert(output.display_child(&f.shard), f.error.clone());
@@ -208,9 +214,58 @@ pub async fn summarize(out: &Location) -> Result<Summary, SinkError> {
     })
 }
 
-/// `out` when it has commit markers (or nothing below it at all), else its direct child
-/// folders that have them.
+/// Each output below `outs` ([`outputs_below`]) with its committed shards' markers at
+/// `at`. A version number names one table's version, so it is refused when `outs`
+/// hold more than one output; a timestamp applies to each.
+pub async fn committed_below(
+    outs: &[Location],
+    at: At,
+) -> Result<Vec<(Location, BTreeMap<String, CommitMarker>)>, SinkError> {
+    let mut outputs = Vec::new();
+    for out in outs {
+        outputs.extend(outputs_below(out).await?);
+    }
+    if let (At::Version(v), [_, _, ..]) = (at, outputs.as_slice()) {
+        return Err(SinkError::Corrupt {
+            path: outputs
+                .iter()
+                .map(|o| o.display.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            message: format!(
+                "--version {v} is ambiguous over {} outputs; name one output, or use --as-of",
+                outputs.len()
+            ),
+        });
+    }
+    let mut found = Vec::new();
+    for output in outputs {
+        let markers = read_markers_at(&output, at).await?;
+        found.push((output, markers));
+    }
+    Ok(found)
+}
+
+/// `out` when it is an output (it has a predictions table, or the `_commits/` markers of
+/// an older dtta, which reading then refuses) or nothing below it at all, else its direct
+/// child folders that are outputs.
 pub async fn outputs_below(out: &Location) -> Result<Vec<Location>, SinkError> {
+    let is_output = |loc: Location| async move {
+        for rel in ["predictions/_delta_log", "_commits"] {
+            let dir = loc.child(rel);
+            let found = retrying(&format!("listing {rel}/"), || loc.store.list_with_delimiter(Some(&dir)))
+                .await
+                .map(|l| !l.objects.is_empty())
+                .unwrap_or(false);
+            if found {
+                return true;
+            }
+        }
+        false
+    };
+    if is_output(out.clone()).await {
+        return Ok(vec![out.clone()]);
+    }
     let listing = retrying("listing the output", || {
         out.store.list_with_delimiter(Some(&out.prefix))
     })
@@ -219,24 +274,16 @@ pub async fn outputs_below(out: &Location) -> Result<Vec<Location>, SinkError> {
         path: out.display.clone(),
         source,
     })?;
-    let own = listing.common_prefixes.iter().any(|p| p.filename() == Some("_commits"));
     let mut children = Vec::new();
-    if !own {
-        for prefix in listing.common_prefixes {
-            let name = prefix.filename().unwrap_or_default().to_string();
-            let child = Location {
-                store: out.store.clone(),
-                prefix,
-                display: out.display_child(&format!("{name}/")),
-            };
-            let marks = child.child("_commits");
-            let has_markers = retrying("listing _commits/", || out.store.list_with_delimiter(Some(&marks)))
-                .await
-                .map(|l| !l.objects.is_empty())
-                .unwrap_or(false);
-            if has_markers {
-                children.push(child);
-            }
+    for prefix in listing.common_prefixes {
+        let name = prefix.filename().unwrap_or_default().to_string();
+        let child = Location {
+            store: out.store.clone(),
+            prefix,
+            display: out.display_child(&format!("{name}/")),
+        };
+        if is_output(child.clone()).await {
+            children.push(child);
         }
     }
     if children.is_empty() {

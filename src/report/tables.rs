@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use super::percent;
 use super::summary::{Summary, VariantRow};
 use crate::sink::dense::DenseTally;
+use crate::sink::maintenance::{HistoryEntry, VacuumReport};
 use crate::sink::Tally;
 use crate::storage::ShardRef;
 use crate::worker::Worker;
@@ -267,6 +268,62 @@ pub fn write_plan(
     for s in shards {
         let state = if committed.contains(&s.id) { "committed" } else { "todo" };
         writeln!(w, "{state:>9}  {}  ({} bytes)", s.id, s.size)?;
+    }
+    Ok(())
+}
+
+/// `dtta history`: one line per version of the predictions table.
+pub fn write_history(w: &mut impl Write, output: &str, history: &[HistoryEntry]) -> io::Result<()> {
+    writeln!(w, "{output}: predictions table, {} version(s)", history.len())?;
+    writeln!(
+        w,
+        "{:>7}  {:<24}  {:<24}  {:>6}  {:<12}  {:>6}  {:>8}  shards",
+        "version", "committed at", "run", "worker", "bundle", "files", "rows"
+    )?;
+    for h in history {
+        let when = h.timestamp_ms.map_or("-".into(), |ms| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .map_or(ms.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        });
+        let worker = h.worker.map_or("-".into(), |(i, n)| format!("{i}/{n}"));
+        let bundle: String = h.bundle_sha256.as_deref().unwrap_or("-").chars().take(12).collect();
+        writeln!(
+            w,
+            "{:>7}  {:<24}  {:<24}  {:>6}  {:<12}  {:>6}  {:>8}  {}",
+            h.version,
+            when,
+            h.run_id.as_deref().unwrap_or("-"),
+            worker,
+            bundle,
+            h.files,
+            h.rows,
+            h.shards.join(" ")
+        )?;
+    }
+    Ok(())
+}
+
+/// `dtta vacuum`: what each table kept and removed.
+pub fn write_vacuum(
+    w: &mut impl Write,
+    reports: &[VacuumReport],
+    retention: crate::config::units::HumanDuration,
+    dry_run: bool,
+) -> io::Result<()> {
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for r in reports {
+        writeln!(
+            w,
+            "{}: {} referenced file(s) kept, {} unreferenced younger than {retention} kept, {verb} {} ({} bytes)",
+            r.table,
+            r.referenced,
+            r.recent,
+            r.removed.len(),
+            r.removed_bytes
+        )?;
+        for f in &r.removed {
+            writeln!(w, "  {verb} {f}")?;
+        }
     }
     Ok(())
 }

@@ -1,21 +1,23 @@
-//! Output: per-shard Parquet files, commit markers, run summaries.
+//! Output: two Delta Lake tables (`predictions/`, `steps/`) and run summaries.
 //!
-//! Invariant: a shard's rows count only once its commit marker exists. Data files are
+//! Invariant: a shard's rows count only once a Delta commit adds its file. Data files are
 //! written first under names unique to the run (`predictions/<shard>.<run_id>.parquet`,
-//! `steps/<shard>.<run_id>.parquet`),
-//! then `_commits/<shard>.json` is created with `PutMode::Create`; a second writer of
-//! the same shard loses the race and removes its file. After a commit, files of the
-//! same shard left by killed runs are removed, so a plain `predictions/**/*.parquet`
-//! glob sees committed data plus, at most, shards still being written.
+//! `steps/<shard>.<run_id>.parquet`), then committed, steps first, with the shard's
+//! transaction id (`commit`); a second writer of the same shard finds the id in the log
+//! and removes its files. Files of runs that never committed are in no snapshot; after a
+//! commit, those of the same shard are removed, and `dtta vacuum` removes the rest.
 
 pub mod commit;
+pub mod delta;
 pub mod dense;
+pub mod maintenance;
 pub mod predictions;
 pub mod steps;
 
 use std::collections::BTreeMap;
 
 use object_store::buffered::BufWriter;
+use object_store::ObjectStoreExt;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -36,6 +38,11 @@ pub enum SinkError {
     Store { path: String, source: object_store::Error },
     #[error("cannot read {path}: {message}")]
     Corrupt { path: String, message: String },
+    #[error(
+        "{output} was written by an older dtta (commit markers in _commits/, no Delta log); \
+         write to a new output URL, or delete this one and run again"
+    )]
+    OldLayout { output: String },
 }
 
 /// Rows per record batch handed to the Parquet writer.
@@ -160,6 +167,25 @@ pub(crate) fn dictionary_type() -> arrow_schema::DataType {
     )
 }
 
+/// One finished data file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataFile {
+    /// Relative to the output URL (`predictions/<shard>.<run_id>.parquet`).
+    pub rel: String,
+    pub rows: u64,
+    pub size: u64,
+    /// When the store last wrote it, in milliseconds since the epoch.
+    pub modified_ms: i64,
+}
+
+/// A shard's two finished files, not yet committed.
+#[derive(Debug, Clone)]
+pub struct ShardFiles {
+    pub predictions: DataFile,
+    pub steps: DataFile,
+    pub tally: Tally,
+}
+
 /// The two tables every shard gets.
 pub const TABLES: [&str; 2] = ["predictions", "steps"];
 
@@ -195,15 +221,28 @@ impl TableWriter {
         })
     }
 
-    async fn close(self) -> Result<(), SinkError> {
-        self.writer
-            .close()
-            .await
-            .map(|_| ())
-            .map_err(|source| SinkError::Parquet {
-                path: self.display,
-                source,
-            })
+    /// Completes the file; returns its row count, size and time of writing, which its
+    /// Delta `add` action records.
+    async fn close(self, out: &Location, rel: &str) -> Result<DataFile, SinkError> {
+        let metadata = self.writer.close().await.map_err(|source| SinkError::Parquet {
+            path: self.display.clone(),
+            source,
+        })?;
+        let location = out.child(rel);
+        let head = crate::storage::retrying(&format!("reading the size of {}", self.display), || {
+            out.store.head(&location)
+        })
+        .await
+        .map_err(|source| SinkError::Store {
+            path: self.display.clone(),
+            source,
+        })?;
+        Ok(DataFile {
+            rel: rel.to_string(),
+            rows: metadata.file_metadata().num_rows().max(0) as u64,
+            size: head.size,
+            modified_ms: head.last_modified.timestamp_millis(),
+        })
     }
 
     async fn abort(self) {
@@ -305,16 +344,22 @@ impl ShardWriter {
             .await
     }
 
-    /// Completes both files; returns their relative paths and the shard's tally.
-    pub async fn finish(mut self) -> Result<(String, String, Tally), SinkError> {
+    /// Completes both files; returns them and the shard's tally.
+    pub async fn finish(mut self, out: &Location) -> Result<ShardFiles, SinkError> {
         self.flush_batch().await?;
-        self.predictions.close().await?;
-        self.steps.close().await?;
-        Ok((
-            Self::relative_path("predictions", &self.shard, &self.run_id),
-            Self::relative_path("steps", &self.shard, &self.run_id),
-            self.tally,
-        ))
+        let predictions = self
+            .predictions
+            .close(out, &Self::relative_path("predictions", &self.shard, &self.run_id))
+            .await?;
+        let steps = self
+            .steps
+            .close(out, &Self::relative_path("steps", &self.shard, &self.run_id))
+            .await?;
+        Ok(ShardFiles {
+            predictions,
+            steps,
+            tally: self.tally,
+        })
     }
 
     /// Drops everything written so far.

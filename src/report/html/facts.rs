@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::rows::Committed;
 use super::svg::esc;
@@ -56,9 +55,7 @@ pub fn compute(c: &Committed) -> Facts {
             method: r.method.clone(),
             bundle: r.bundle.clone(),
             bundle_sha256: r.bundle_sha256.clone(),
-            config_sha256: hex(&Sha256::digest(
-                serde_json::to_vec(&r.config).expect("JSON values serialize"),
-            )),
+            config_sha256: crate::config::digest(&r.config),
             device: r.device.clone(),
             dtta_version: r.dtta_version.clone(),
             started_at: r.started_at.clone(),
@@ -79,10 +76,6 @@ pub fn compute(c: &Committed) -> Facts {
         run_seconds: runs.iter().map(|r| r.elapsed_s).sum(),
         runs,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn render(f: &Facts) -> String {

@@ -47,9 +47,9 @@ pub struct Report {
     pub dense: dense::Dense,
 }
 
-/// Reads the committed shards below `outs` and computes every section.
-pub async fn build(outs: &[Location]) -> Result<Report, SinkError> {
-    let committed = rows::read(outs).await?;
+/// Reads the committed shards below `outs` as of `at` and computes every section.
+pub async fn build(outs: &[Location], at: crate::sink::delta::At) -> Result<Report, SinkError> {
+    let committed = rows::read(outs, at).await?;
     Ok(compute(&committed))
 }
 

@@ -1,5 +1,6 @@
-//! What the report reads: committed shards only. Commit markers name the predictions and
-//! steps files of each committed shard ([`read_markers`]); files of runs that never
+//! What the report reads: committed shards only. The predictions table's snapshot names
+//! each committed shard's predictions file, and its marker the same run's steps file
+//! (README, "Outputs": predictions first, then steps); files of runs that never
 //! committed are never opened. Run summaries give the run facts.
 //!
 //! Hazard: every predictions row and steps row is held in memory (about 80 bytes per
@@ -7,7 +8,7 @@
 //! each key's outcome under every method. A report over hundreds of millions of rows
 //! needs a sampled variant of this.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type};
@@ -18,9 +19,9 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use serde::Deserialize;
 
-use crate::report::summary::{outputs_below, read_runs};
+use crate::report::summary::{committed_below, read_runs};
 use crate::sample::Variant;
-use crate::sink::commit::read_markers;
+use crate::sink::delta::At;
 use crate::sink::dense::DenseTally;
 use crate::sink::{SinkError, Tally};
 use crate::storage::{retrying, Location};
@@ -103,26 +104,28 @@ pub struct Committed {
     pub dense: BTreeMap<(usize, String), DenseTally>,
 }
 
-/// Reads every committed shard below each of `outs`.
-pub async fn read(outs: &[Location]) -> Result<Committed, SinkError> {
+/// Reads every committed shard below each of `outs`, as of `at` (at an older version,
+/// only the runs that committed shards by then are listed).
+pub async fn read(outs: &[Location], at: At) -> Result<Committed, SinkError> {
     let mut c = Committed::default();
     let mut outputs = Vec::new();
-    for out in outs {
-        outputs.extend(outputs_below(out).await?);
-    }
     // Series: (output index, method) -> index, labelled once all are known.
     let mut series_of: BTreeMap<(usize, String), usize> = BTreeMap::new();
     let mut markers = Vec::new();
-    for (o, output) in outputs.iter().enumerate() {
+    for (o, (output, committed)) in committed_below(outs, at).await?.into_iter().enumerate() {
         c.outputs.push(output.display.clone());
-        for marker in read_markers(output).await?.into_values() {
+        let runs_in_snapshot: BTreeSet<String> = committed.values().map(|m| m.run_id.clone()).collect();
+        for marker in committed.into_values() {
             let next = series_of.len();
             let series = *series_of.entry((o, marker.method.clone())).or_insert(next);
             markers.push((o, series, marker));
         }
-        for run in read_runs::<RunSummary>(output).await? {
-            c.runs.push((output.display.clone(), run));
+        for run in read_runs::<RunSummary>(&output).await? {
+            if at == At::Latest || runs_in_snapshot.contains(&run.run_id) {
+                c.runs.push((output.display.clone(), run));
+            }
         }
+        outputs.push(output);
     }
     c.series = series_labels(&series_of, &outputs);
     let mut shard_index: BTreeMap<String, usize> = BTreeMap::new();
