@@ -118,7 +118,9 @@ fn kill_and_resume(
         eprintln!("{what}");
         history += &format!("; {what}");
     }
-    let committed_before = committed_files(&out).len();
+    // Shards in steps: those in predictions, plus any a kill left between a shard's two
+    // commits, which the next run completes before it plans (so it skips them too).
+    let committed_before = committed_markers_of(&out, "steps").len();
     let o = dtta()
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .args(args)
@@ -154,7 +156,7 @@ fn kill_and_resume(
 /// Where a run is killed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum KillPoint {
-    /// As soon as a predictions file with no commit marker appears (between a shard's data
+    /// As soon as a predictions file that no commit names appears (between a shard's data
     /// and its commit), or at the commit limit, whichever comes first.
     Uncommitted,
     /// Right after the commit limit is reached.
@@ -163,7 +165,7 @@ enum KillPoint {
     Later(Duration),
 }
 
-/// Predictions files below `out` that no commit marker names.
+/// Predictions files below `out` that no commit of the predictions table names.
 fn uncommitted(out: &std::path::Path) -> BTreeSet<std::path::PathBuf> {
     let committed: BTreeSet<_> = committed_files(out).into_values().collect();
     all_prediction_files(out)

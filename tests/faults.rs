@@ -83,19 +83,16 @@ fn faults_on_the_wire_lose_and_duplicate_nothing() {
     );
 
     // Read back directly from the server (no proxy): every sample exactly once.
-    let objects: Vec<_> = rt
-        .block_on(futures::TryStreamExt::try_collect::<Vec<_>>(
-            object_store::ObjectStore::list(store.as_ref(), Some(&StorePath::from("out/_commits"))),
-        ))
-        .unwrap();
-    assert_eq!(objects.len(), shards, "every shard committed ({faults})");
+    let out = dtta::storage::Location {
+        store: store.clone(),
+        prefix: StorePath::from("out"),
+        display: "s3://data/out".into(),
+    };
+    let markers = rt.block_on(dtta::sink::commit::read_markers(&out)).unwrap();
+    assert_eq!(markers.len(), shards, "every shard committed ({faults})");
     let mut seen = Vec::new();
-    for meta in objects {
-        let marker: serde_json::Value = serde_json::from_slice(
-            &rt.block_on(async { store.get(&meta.location).await.unwrap().bytes().await.unwrap() }),
-        )
-        .unwrap();
-        let file = StorePath::from(format!("out/{}", marker["predictions"].as_str().unwrap()));
+    for marker in markers.values() {
+        let file = out.child(&marker.predictions);
         let bytes = rt.block_on(async { store.get(&file).await.unwrap().bytes().await.unwrap() });
         for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
             .unwrap()

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use common::servers::{Azurite, FakeGcs, S3};
 use common::*;
 use dtta::sink::commit::{self, CommitMarker, CommitResult};
-use dtta::sink::Tally;
+use dtta::sink::predictions::Layout;
+use dtta::sink::{DataFile, Tally};
 use dtta::storage::Location;
 use futures::TryStreamExt;
 use object_store::path::Path as StorePath;
@@ -52,26 +53,23 @@ fn objects(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<(String, Bytes)> {
     })
 }
 
-/// Keys of the committed predictions under `prefix`, read back through the store.
+/// Keys of the committed predictions under `prefix`: the files the predictions table's
+/// latest snapshot names, read back through the store.
 fn committed_keys(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
-    let all = objects(store, prefix);
+    let out = location(store, prefix);
+    let markers = block_on(commit::read_markers(&out)).unwrap();
     let mut keys = Vec::new();
-    for (path, bytes) in &all {
-        if !(path.contains("/_commits/") && path.ends_with(".json")) {
-            continue;
-        }
-        let marker: serde_json::Value = serde_json::from_slice(bytes).unwrap();
-        let file = format!("{prefix}/{}", marker["predictions"].as_str().unwrap());
-        let data = &all
-            .iter()
-            .find(|(p, _)| *p == file)
-            .unwrap_or_else(|| panic!("{file} missing"))
-            .1;
-        for batch in ParquetRecordBatchReaderBuilder::try_new(data.clone())
-            .unwrap()
-            .build()
-            .unwrap()
-        {
+    for marker in markers.values() {
+        let data = block_on(async {
+            store
+                .get(&out.child(&marker.predictions))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        });
+        for batch in ParquetRecordBatchReaderBuilder::try_new(data).unwrap().build().unwrap() {
             let batch = batch.unwrap();
             let col = column::<arrow_array::StringArray>(&batch, "key");
             keys.extend((0..batch.num_rows()).map(|r| col.value(r).to_string()));
@@ -79,6 +77,138 @@ fn committed_keys(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
     }
     keys.sort();
     keys
+}
+
+fn location(store: &Arc<dyn ObjectStore>, prefix: &str) -> Location {
+    Location {
+        store: store.clone(),
+        prefix: StorePath::from(prefix),
+        display: prefix.to_string(),
+    }
+}
+
+/// A shard's commit record for a run, with placeholder files.
+fn marker_for(shard: &str, run: &str, worker: usize) -> (CommitMarker, DataFile, DataFile) {
+    let file = |table: &str| DataFile {
+        rel: format!("{table}/{shard}.{run}.parquet"),
+        rows: 1,
+        size: 1,
+        modified_ms: 0,
+    };
+    let marker = CommitMarker {
+        shard: shard.into(),
+        run_id: run.into(),
+        predictions: file("predictions").rel,
+        steps: file("steps").rel,
+        source: String::new(),
+        method: "source".into(),
+        bundle_sha256: Some("0".repeat(64)),
+        config_sha256: None,
+        worker_index: worker,
+        worker_count: 8,
+        committed_at: String::new(),
+        tally: Tally {
+            rows: 1,
+            ..Default::default()
+        },
+    };
+    (marker, file("predictions"), file("steps"))
+}
+
+/// Eight writers, each with its own view of the log as separate processes have, commit
+/// to one pair of tables at once: 6 shards each, and each shard a second time by another
+/// "run" (a worker restarted elsewhere). Every shard lands once, in one commit per
+/// table; the versions are contiguous; concurrent checkpoints (every 5 commits) leave a
+/// log that opens to the same state.
+fn eight_writers_commit_each_shard_once(store: Arc<dyn ObjectStore>, prefix: &str) {
+    let out = location(&store, prefix);
+    let layout = Layout::CLASSIFICATION;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let results: Vec<Vec<(String, String, CommitResult)>> = rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|w| {
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let tables = commit::Tables::new(&out, 5);
+                    let mut results = Vec::new();
+                    for i in 0..6 {
+                        // Worker w owns shards w*6..w*6+6 and retries its neighbour's.
+                        for (shard, run) in [
+                            (format!("s{:02}", w * 6 + i), format!("w{w}")),
+                            (format!("s{:02}", ((w + 1) % 8) * 6 + i), format!("x{w}")),
+                        ] {
+                            let (marker, p, s) = marker_for(&shard, &run, w);
+                            for f in [&p, &s] {
+                                out.store
+                                    .put(&out.child(&f.rel), PutPayload::from_static(b"x"))
+                                    .await
+                                    .unwrap();
+                            }
+                            let r = commit::commit(&tables, &marker, (&p, &s), &layout).await.unwrap();
+                            results.push((shard, run, r));
+                        }
+                    }
+                    results
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.push(t.await.unwrap());
+        }
+        all
+    });
+    let mut winners: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (shard, run, r) in results.into_iter().flatten() {
+        if r == CommitResult::Committed {
+            winners.entry(shard).or_default().push(run);
+        }
+    }
+    assert_eq!(winners.len(), 48, "every shard committed");
+    assert!(
+        winners.values().all(|runs| runs.len() == 1),
+        "each shard by one run: {winners:?}"
+    );
+    for table in ["predictions", "steps"] {
+        let markers = block_on(commit::table_markers(&out, table, Default::default())).unwrap();
+        let by_run: std::collections::BTreeMap<String, String> =
+            markers.iter().map(|(s, m)| (s.clone(), m.run_id.clone())).collect();
+        let expected: std::collections::BTreeMap<String, String> =
+            winners.iter().map(|(s, r)| (s.clone(), r[0].clone())).collect();
+        assert_eq!(by_run, expected, "{table}: the winners, once each");
+        let log: Vec<String> = objects(&store, &format!("{prefix}/{table}/_delta_log"))
+            .into_iter()
+            .map(|(p, _)| p.rsplit('/').next().unwrap().to_string())
+            .collect();
+        let versions: Vec<String> = log.iter().filter(|n| n.ends_with(".json")).cloned().collect();
+        let contiguous: Vec<String> = (0..48).map(|v| format!("{v:020}.json")).collect();
+        assert_eq!(
+            versions, contiguous,
+            "{table}: one commit per shard, versions 0..47, no gap"
+        );
+        assert!(
+            log.iter().any(|n| n.ends_with(".checkpoint.parquet")),
+            "{table}: checkpoints were written: {log:?}"
+        );
+    }
+}
+
+#[test]
+fn eight_writers_on_s3_commit_each_shard_once() {
+    let s3 = S3::start_atomic();
+    s3.create_bucket("race");
+    eight_writers_commit_each_shard_once(s3.store("race"), "out");
+}
+
+#[test]
+fn eight_writers_on_azurite_commit_each_shard_once() {
+    let az = Azurite::start();
+    az.create_container("race");
+    eight_writers_commit_each_shard_once(az.store("race"), "out");
 }
 
 fn run_with_env(env: &[(&'static str, String)], args: &[&str]) -> std::process::Output {
@@ -122,43 +252,25 @@ fn s3_input_and_output_commit_once_and_keep_secrets() {
     );
 
     // The server honours PutMode::Create: another run's commit of the shard loses; the
-    // same run committing again (a retried request) finds its own marker.
-    let out = Location {
-        store: store.clone(),
-        prefix: StorePath::from("race"),
-        display: "s3://data/race".into(),
-    };
-    let marker = CommitMarker {
-        shard: "s".into(),
-        run_id: "r1".into(),
-        predictions: "predictions/s.r1.parquet".into(),
-        steps: "steps/s.r1.parquet".into(),
-        source: String::new(),
-        method: "source".into(),
-        bundle_sha256: Some("0".repeat(64)),
-        worker_index: 0,
-        worker_count: 1,
-        committed_at: String::new(),
-        tally: Tally::default(),
-    };
+    // same run committing again (a retried request) finds its own commit.
+    let tables = commit::Tables::new(&location(&store, "race"), 100);
+    let layout = Layout::CLASSIFICATION;
+    let (marker, pf, sf) = marker_for("s", "r1", 0);
     assert_eq!(
-        block_on(commit::commit(&out, &marker)).unwrap(),
+        block_on(commit::commit(&tables, &marker, (&pf, &sf), &layout)).unwrap(),
         CommitResult::Committed
     );
-    let other = CommitMarker {
-        run_id: "r2".into(),
-        ..marker.clone()
-    };
+    let (other, p2, s2) = marker_for("s", "r2", 0);
     assert_eq!(
-        block_on(commit::commit(&out, &other)).unwrap(),
+        block_on(commit::commit(&tables, &other, (&p2, &s2), &layout)).unwrap(),
         CommitResult::AlreadyCommitted
     );
     assert_eq!(
-        block_on(commit::commit(&out, &marker)).unwrap(),
+        block_on(commit::commit(&tables, &marker, (&pf, &sf), &layout)).unwrap(),
         CommitResult::Committed
     );
     assert_eq!(
-        block_on(commit::read_marker(&out, "s")).unwrap().run_id,
+        block_on(commit::read_markers(&location(&store, "race"))).unwrap()["s"].run_id,
         "r1",
         "the first commit stands"
     );

@@ -98,8 +98,30 @@ fn lineage_column(path: &Path) -> (DataType, Vec<String>) {
     (field.data_type().clone(), values)
 }
 
+/// A shard's commit record in the predictions table, as JSON.
 fn marker(out: &Path, shard: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join(format!("_commits/{shard}.json"))).unwrap()).unwrap()
+    serde_json::to_value(&committed_markers(out)[shard]).unwrap()
+}
+
+/// The `dtta` facts of every commit of `table`'s log, oldest first.
+fn commit_facts(out: &Path, table: &str) -> Vec<serde_json::Value> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(out.join(table).join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            let info = text
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .find(|a| a.get("commitInfo").is_some())
+                .expect("every commit has commitInfo");
+            info["commitInfo"]["dtta"].clone()
+        })
+        .collect()
 }
 
 fn run_summaries(out: &Path) -> Vec<serde_json::Value> {
@@ -249,32 +271,55 @@ fn resuming_with_a_changed_bundle_is_refused_unless_allowed() {
 }
 
 #[test]
-fn shards_committed_before_digests_were_recorded_count_as_another_bundle() {
+fn every_commit_carries_the_run_facts_and_an_older_dtta_output_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let pipeline = two_shard_pipeline(tmp.path(), &out);
     let o = run_on(&pipeline, &demo_bundle(), 0, &[]);
     assert!(o.status.success(), "{}", text(&o));
-    // What an older dtta wrote: the same marker without the field.
-    let path = out.join("_commits/shard-000000.json");
-    let mut old = marker(&out, "shard-000000");
-    old.as_object_mut().unwrap().remove("bundle_sha256").unwrap();
-    std::fs::write(&path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
-
-    let o = run_on(&pipeline, &demo_bundle(), 1, &[]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("1 with no recorded digest"),
-        "{}",
-        text(&o)
-    );
-    let o = run_on(&pipeline, &demo_bundle(), 1, &["--allow-mixed-bundles"]);
+    let run = &run_summaries(&out)[0];
+    let config_sha256 = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(serde_json::to_vec(&run["config"]).unwrap());
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    for table in ["predictions", "steps"] {
+        let facts = commit_facts(&out, table);
+        assert_eq!(facts.len(), 1, "one commit per shard in {table}");
+        let f = &facts[0];
+        assert_eq!(f["run_id"], run["run_id"], "{f}");
+        assert_eq!(f["bundle_sha256"], run["bundle_sha256"], "{f}");
+        assert_eq!(f["config_sha256"], config_sha256.as_str(), "{f}");
+        assert_eq!(
+            (f["worker_index"].as_u64(), f["worker_count"].as_u64()),
+            (Some(0), Some(2)),
+            "{f}"
+        );
+        assert_eq!(f["version"], env!("CARGO_PKG_VERSION"), "{f}");
+        assert_eq!(f["shards"], serde_json::json!(["shard-000000"]), "{f}");
+    }
+    let o = run_dtta(&["history", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = run_dtta(&["summarize", out.to_str().unwrap()]);
+    let history = String::from_utf8_lossy(&o.stdout);
     assert!(
-        String::from_utf8_lossy(&o.stdout)
-            .contains("bundle sha256 unknown (before dtta recorded it): 1 committed shard(s)"),
-        "{}",
-        text(&o)
+        history.contains(run["run_id"].as_str().unwrap()) && history.contains("shard-000000"),
+        "{history}"
     );
+
+    // What an older dtta left: commit markers, no Delta log.
+    let old = tmp.path().join("old");
+    std::fs::create_dir_all(old.join("_commits")).unwrap();
+    std::fs::write(old.join("_commits/shard-000000.json"), b"{}").unwrap();
+    let old_pipeline = two_shard_pipeline(tmp.path(), &old);
+    let o = run_on(&old_pipeline, &demo_bundle(), 0, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    for o in [o, run_dtta(&["summarize", old.to_str().unwrap()])] {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            stderr.contains("written by an older dtta")
+                && stderr.contains("new output URL")
+                && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+    }
 }

@@ -197,8 +197,7 @@ fn online_diffusion_tta_keeps_a_stream_per_variant() {
     run(&pipeline, &[]);
     let rows = variant_rows(&out);
     assert_eq!(rows.len(), 12 * 5);
-    let marker: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("_commits/shard-000000.json")).unwrap()).unwrap();
+    let marker = serde_json::to_value(&committed_markers(&out)["shard-000000"]).unwrap();
     assert_eq!(marker["method"], "diffusion-tta-online");
     assert_eq!(marker["tally"]["by_variant"]["contrast/5"]["rows"], 12);
 }

@@ -177,10 +177,12 @@ pub fn column<T: Array + Clone + 'static>(batch: &arrow_array::RecordBatch, name
 }
 
 pub fn read_parquet(path: &Path) -> Vec<Row> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
+    read_parquet_bytes(bytes::Bytes::from(std::fs::read(path).unwrap()))
+}
+
+/// The rows of one predictions file's bytes.
+pub fn read_parquet_bytes(data: bytes::Bytes) -> Vec<Row> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(data).unwrap().build().unwrap();
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.unwrap();
@@ -222,23 +224,79 @@ pub fn committed_files(out: &Path) -> BTreeMap<String, PathBuf> {
     committed_table_files(out, "predictions")
 }
 
-/// Shard id -> the file of `table` named by its commit marker.
+/// Shard id -> the file of `table` that the latest snapshot of that Delta table holds
+/// (read with dtta's own log reader; tests/delta_readers.rs checks it against others).
 pub fn committed_table_files(out: &Path, table: &str) -> BTreeMap<String, PathBuf> {
-    let mut files = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir(out.join("_commits")) else {
-        return files;
-    };
-    for entry in dir {
-        let path = entry.unwrap().path();
-        // Skip staging files (`x.json#1`) of a marker being written right now.
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
-        let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        let shard = marker["shard"].as_str().unwrap().to_string();
-        files.insert(shard, out.join(marker[table].as_str().unwrap()));
+    committed_markers_of(out, table)
+        .into_iter()
+        .map(|(shard, m)| {
+            let rel = if table == "steps" { m.steps } else { m.predictions };
+            (shard, out.join(rel))
+        })
+        .collect()
+}
+
+/// Shard id -> its commit record in the latest snapshot of `table` below `out` (a local
+/// folder); empty when the table does not exist yet.
+pub fn committed_markers_of(out: &Path, table: &str) -> BTreeMap<String, dtta::sink::commit::CommitMarker> {
+    let out = dtta::storage::open(out.to_str().unwrap(), &Default::default()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(dtta::sink::commit::table_markers(&out, table, Default::default()))
+        .unwrap()
+}
+
+/// Shard id -> its commit record in the latest snapshot of `table` below `prefix` of
+/// `store` (an object store, such as a loopback S3 server's bucket).
+pub fn committed_markers_in(
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+    prefix: &str,
+    table: &str,
+) -> BTreeMap<String, dtta::sink::commit::CommitMarker> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(dtta::sink::commit::table_markers(
+        &store_location(store, prefix),
+        table,
+        Default::default(),
+    ))
+    .unwrap()
+}
+
+/// Rows of every committed shard below `prefix` of `store`.
+pub fn committed_rows_in(store: &std::sync::Arc<dyn object_store::ObjectStore>, prefix: &str) -> Vec<Row> {
+    let out = store_location(store, prefix);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    committed_markers_in(store, prefix, "predictions")
+        .values()
+        .flat_map(|m| {
+            let bytes = rt.block_on(async {
+                let got = object_store::ObjectStoreExt::get(store.as_ref(), &out.child(&m.predictions)).await;
+                got.unwrap().bytes().await.unwrap()
+            });
+            read_parquet_bytes(bytes)
+        })
+        .collect()
+}
+
+fn store_location(store: &std::sync::Arc<dyn object_store::ObjectStore>, prefix: &str) -> dtta::storage::Location {
+    dtta::storage::Location {
+        store: store.clone(),
+        prefix: object_store::path::Path::from(prefix),
+        display: prefix.to_string(),
     }
-    files
+}
+
+/// Shard id -> its commit record in the predictions table.
+pub fn committed_markers(out: &Path) -> BTreeMap<String, dtta::sink::commit::CommitMarker> {
+    committed_markers_of(out, "predictions")
 }
 
 /// Rows of every committed shard.
@@ -255,7 +313,10 @@ pub fn all_prediction_files(out: &Path) -> Vec<PathBuf> {
         for e in entries {
             let p = e.unwrap().path();
             if p.is_dir() {
-                stack.push(p);
+                // The Delta log's checkpoints are Parquet too, but not data.
+                if p.file_name().is_some_and(|n| n != "_delta_log") {
+                    stack.push(p);
+                }
             } else if p.extension().is_some_and(|x| x == "parquet") {
                 found.push(p);
             }

@@ -1,5 +1,5 @@
-//! Real storage servers on loopback, started and stopped by the tests: s3s-fs (S3),
-//! Azurite (Azure Blob) and fake-gcs-server (GCS). Each listens on a free port and dies
+//! Real storage servers on loopback, started and stopped by the tests: s3s-fs and moto
+//! (S3), Azurite (Azure Blob) and fake-gcs-server (GCS). Each listens on a free port and dies
 //! with its handle. A missing binary fails the test with the command that installs it.
 #![allow(dead_code)]
 
@@ -101,6 +101,18 @@ pub struct S3 {
     pub server: Server,
     pub access_key: String,
     pub secret_key: String,
+    /// Which server: s3s-fs keeps objects as files below `server.dir`; moto in memory.
+    pub kind: S3Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Kind {
+    /// s3s-fs: fast, objects are files; but its If-None-Match create is check-then-write,
+    /// so two simultaneous creates of one key can both succeed.
+    S3sFs,
+    /// moto's S3, one request at a time (tools/s3_server.py): conditional creates are
+    /// atomic, as S3's are. For tests where processes commit to one Delta table at once.
+    Moto,
 }
 
 impl S3 {
@@ -129,11 +141,33 @@ impl S3 {
             server: Server::spawn(cmd, port, dir, "s3s-fs"),
             access_key,
             secret_key,
+            kind: S3Kind::S3sFs,
+        }
+    }
+
+    /// An S3 server whose conditional creates are atomic (moto, [`S3Kind::Moto`]).
+    pub fn start_atomic() -> S3 {
+        let python = tool(".venv/bin/python", "make setup");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(python);
+        cmd.arg(repo().join("tools/s3_server.py")).arg(port.to_string());
+        S3 {
+            server: Server::spawn(cmd, port, dir, "moto (tools/s3_server.py)"),
+            access_key: format!("AKIADTTA{:016X}", rand::random::<u64>()),
+            secret_key: format!("dtta-secret-{:032x}", rand::random::<u128>()),
+            kind: S3Kind::Moto,
         }
     }
 
     pub fn create_bucket(&self, name: &str) {
-        std::fs::create_dir_all(self.server.dir.path().join(name)).unwrap();
+        match self.kind {
+            S3Kind::S3sFs => std::fs::create_dir_all(self.server.dir.path().join(name)).unwrap(),
+            S3Kind::Moto => {
+                let (status, body) = http(self.server.port, "PUT", &format!("/{name}"), &[], b"");
+                assert_eq!(status, 200, "creating bucket {name}: {body}");
+            }
+        }
     }
 
     /// The environment a dtta process needs to reach this server at `endpoint`.
