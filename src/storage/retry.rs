@@ -1,7 +1,8 @@
 //! The one retry policy of the crate: exponential backoff with jitter.
 //!
 //! Every caller that tries something again (a read-only store call whose body broke, a
-//! commit marker's create, a shard whose stream broke, a method that failed on a batch)
+//! Delta commit's create or a commit that lost its version to another writer, a shard
+//! whose stream broke, a method that failed on a batch)
 //! takes its waits from a [`Backoff`], so the policy lives in one place.
 //!
 //! Hazard: jitter matters at scale. Workers that fail together (a throttled bucket, a
@@ -30,11 +31,20 @@ impl Backoff {
         retries: 4,
     };
 
-    /// Creating a commit marker (not idempotent, so the store client does not retry it).
+    /// Creating a Delta commit file (not idempotent, so the store client does not retry it).
     pub const COMMIT: Backoff = Backoff {
         first: Duration::from_millis(400),
         max: Duration::from_secs(10),
         retries: 5,
+    };
+
+    /// Going back to a Delta log after another writer took the version we tried: short
+    /// waits (the next version is usually free at once), many tries (each lost race
+    /// means another worker's commit landed, so the table moves on).
+    pub const COMMIT_RACE: Backoff = Backoff {
+        first: Duration::from_millis(20),
+        max: Duration::from_secs(2),
+        retries: 100,
     };
 
     /// Reading a shard again after its stream broke, or running a failed batch again.

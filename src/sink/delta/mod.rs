@@ -42,9 +42,28 @@ use crate::storage::{self, retrying, Backoff, Location};
 /// Versions of a table, from 0.
 pub type Version = u64;
 
-/// How many times a commit goes back to the log after losing a race before it gives up.
-/// Eight workers finishing shards at once lose a few races each, never this many.
-const MAX_CONFLICTS: u32 = 200;
+/// How one try of a commit failed: the version was taken (go back to the log and try
+/// the next one), or something that trying again cannot fix.
+#[derive(Debug)]
+enum Attempt {
+    LostRace(Version),
+    Failed(SinkError),
+}
+
+impl From<SinkError> for Attempt {
+    fn from(e: SinkError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::LostRace(v) => write!(f, "another writer committed version {v} first"),
+            Attempt::Failed(e) => e.fmt(f),
+        }
+    }
+}
 
 /// The log's `protocol` action: the oldest reader and writer features, which every
 /// engine named in the README reads.
@@ -494,125 +513,137 @@ impl Table {
     /// apart.
     pub async fn commit(&self, commit: &Commit, schema: &arrow_schema::Schema) -> Result<Committed, SinkError> {
         let schema_string = schema::schema_string(schema);
+        let what = format!("committing to {}", self.loc.display);
+        let is_final = |e: &Attempt| !matches!(e, Attempt::LostRace(_));
+        match retry(&what, Backoff::COMMIT_RACE, is_final, || {
+            self.try_commit(commit, &schema_string)
+        })
+        .await
+        {
+            Ok(done) => Ok(done),
+            Err(Attempt::Failed(e)) => Err(e),
+            Err(Attempt::LostRace(v)) => Err(self.corrupt(
+                &commit_file(v),
+                format!("lost {} commit races in a row", Backoff::COMMIT_RACE.retries + 1),
+            )),
+        }
+    }
+
+    /// One try of [`Table::commit`] at the version after the latest.
+    async fn try_commit(&self, commit: &Commit, schema_string: &str) -> Result<Committed, Attempt> {
         let mut snap = self.cached.lock().await;
-        let mut conflicts = 0;
-        loop {
-            self.refresh(&mut snap).await?;
-            if snap.txns.contains_key(&commit.txn.app_id) {
-                let carried: Vec<AddFile> = snap
-                    .files
-                    .values()
-                    .filter(|a| a.tags.get(TXN_TAG) == Some(&commit.txn.app_id))
-                    .cloned()
-                    .collect();
-                return Ok(Committed::Before(carried));
-            }
-            if let Some(m) = &snap.metadata {
-                if m.schema_string != schema_string {
-                    return Err(self.corrupt(
+        self.refresh(&mut snap).await?;
+        if snap.txns.contains_key(&commit.txn.app_id) {
+            let carried: Vec<AddFile> = snap
+                .files
+                .values()
+                .filter(|a| a.tags.get(TXN_TAG) == Some(&commit.txn.app_id))
+                .cloned()
+                .collect();
+            return Ok(Committed::Before(carried));
+        }
+        if let Some(m) = &snap.metadata {
+            if m.schema_string != *schema_string {
+                return Err(self
+                    .corrupt(
                         "_delta_log/",
                         "the table's columns differ from this run's (another task's output, or an older dtta's); \
-                         write to a new output URL",
-                    ));
-                }
+                             write to a new output URL",
+                    )
+                    .into());
             }
-            let version = snap.version.map_or(0, |v| v + 1);
-            let now = chrono::Utc::now().timestamp_millis();
-            let mut actions = Vec::new();
-            let mut info = serde_json::Map::new();
-            info.insert("timestamp".into(), now.into());
-            info.insert("operation".into(), "WRITE".into());
-            info.insert("operationParameters".into(), serde_json::json!({"mode": "Append"}));
-            info.insert("isBlindAppend".into(), true.into());
-            info.insert(
-                "engineInfo".into(),
-                format!("dtta/{}", env!("CARGO_PKG_VERSION")).into(),
-            );
-            info.extend(commit.info.clone());
+        }
+        let version = snap.version.map_or(0, |v| v + 1);
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut actions = Vec::new();
+        let mut info = serde_json::Map::new();
+        info.insert("timestamp".into(), now.into());
+        info.insert("operation".into(), "WRITE".into());
+        info.insert("operationParameters".into(), serde_json::json!({"mode": "Append"}));
+        info.insert("isBlindAppend".into(), true.into());
+        info.insert(
+            "engineInfo".into(),
+            format!("dtta/{}", env!("CARGO_PKG_VERSION")).into(),
+        );
+        info.extend(commit.info.clone());
+        actions.push(Action {
+            commit_info: Some(Value::Object(info)),
+            ..Default::default()
+        });
+        if snap.version.is_none() {
             actions.push(Action {
-                commit_info: Some(Value::Object(info)),
+                protocol: Some(Protocol::DTTA),
                 ..Default::default()
             });
-            if snap.version.is_none() {
-                actions.push(Action {
-                    protocol: Some(Protocol::DTTA),
-                    ..Default::default()
-                });
-                actions.push(Action {
-                    meta_data: Some(Metadata {
-                        id: new_table_id(),
-                        name: None,
-                        format: Format {
-                            provider: "parquet".into(),
-                            options: BTreeMap::new(),
-                        },
-                        schema_string: schema_string.clone(),
-                        partition_columns: Vec::new(),
-                        configuration: BTreeMap::new(),
-                        created_time: Some(now),
-                    }),
-                    ..Default::default()
-                });
-            }
             actions.push(Action {
-                txn: Some(Txn {
-                    last_updated: Some(now),
-                    ..commit.txn.clone()
+                meta_data: Some(Metadata {
+                    id: new_table_id(),
+                    name: None,
+                    format: Format {
+                        provider: "parquet".into(),
+                        options: BTreeMap::new(),
+                    },
+                    schema_string: schema_string.to_string(),
+                    partition_columns: Vec::new(),
+                    configuration: BTreeMap::new(),
+                    created_time: Some(now),
                 }),
                 ..Default::default()
             });
-            for add in &commit.adds {
-                let mut add = add.clone();
-                add.tags.insert(TXN_TAG.into(), commit.txn.app_id.clone());
-                actions.push(Action {
-                    add: Some(add),
+        }
+        actions.push(Action {
+            txn: Some(Txn {
+                last_updated: Some(now),
+                ..commit.txn.clone()
+            }),
+            ..Default::default()
+        });
+        for add in &commit.adds {
+            let mut add = add.clone();
+            add.tags.insert(TXN_TAG.into(), commit.txn.app_id.clone());
+            actions.push(Action {
+                add: Some(add),
+                ..Default::default()
+            });
+        }
+        let mut body = Vec::new();
+        for a in &actions {
+            serde_json::to_writer(&mut body, a).expect("actions serialize");
+            body.push(b'\n');
+        }
+        let rel = commit_file(version);
+        let path = self.loc.child(&rel);
+        let payload = PutPayload::from(body);
+        let created = retry(&format!("committing {rel}"), Backoff::COMMIT, storage::is_final, || {
+            self.loc.store.put_opts(
+                &path,
+                payload.clone(),
+                PutOptions {
+                    mode: PutMode::Create,
                     ..Default::default()
-                });
-            }
-            let mut body = Vec::new();
-            for a in &actions {
-                serde_json::to_writer(&mut body, a).expect("actions serialize");
-                body.push(b'\n');
-            }
-            let rel = commit_file(version);
-            let path = self.loc.child(&rel);
-            let payload = PutPayload::from(body);
-            let created = retry(&format!("committing {rel}"), Backoff::COMMIT, storage::is_final, || {
-                self.loc.store.put_opts(
-                    &path,
-                    payload.clone(),
-                    PutOptions {
-                        mode: PutMode::Create,
-                        ..Default::default()
-                    },
-                )
-            })
-            .await;
-            match created {
-                Ok(_) => {
-                    for a in actions {
-                        snap.apply(a);
-                    }
-                    snap.version = Some(version);
-                    if version > 0 && version % self.checkpoint_interval == 0 {
-                        // Best effort: a missing checkpoint only makes opening slower.
-                        if let Err(e) = self.write_checkpoint(&snap).await {
-                            tracing::warn!("could not write the checkpoint at version {version}: {e}");
-                        }
-                    }
-                    return Ok(Committed::Now(version));
+                },
+            )
+        })
+        .await;
+        match created {
+            Ok(_) => {
+                for a in actions {
+                    snap.apply(a);
                 }
-                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
-                    conflicts += 1;
-                    if conflicts > MAX_CONFLICTS {
-                        return Err(self.corrupt(&rel, format!("lost {MAX_CONFLICTS} commit races in a row")));
+                snap.version = Some(version);
+                if version > 0 && version % self.checkpoint_interval == 0 {
+                    // Best effort: a missing checkpoint only makes opening slower.
+                    if let Err(e) = self.write_checkpoint(&snap).await {
+                        tracing::warn!("could not write the checkpoint at version {version}: {e}");
                     }
-                    tracing::debug!("{rel} exists (another writer's commit, or ours whose response was lost)");
-                    // Spread retries of workers that keep colliding.
-                    tokio::time::sleep(Backoff::COMMIT.delay(conflicts.min(4) - 1) / 8).await;
                 }
-                Err(e) => return Err(self.store_err(&rel)(e)),
+                Ok(Committed::Now(version))
             }
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                tracing::debug!("{rel} exists (another writer's commit, or ours whose response was lost)");
+                Err(Attempt::LostRace(version))
+            }
+            Err(e) => Err(self.store_err(&rel)(e).into()),
         }
     }
 
