@@ -12,6 +12,9 @@
 #   3. pipeline overlap: share of the demo run's wall time the adapt stage is busy
 #   4. memory: peak RSS over 10x the demo input vs 1x (method `source`, which is
 #      decode-bound, so the buffering between stages is what is measured)
+#   5. the Delta log (benches/delta_commit.rs): commit latency per shard on local disk
+#      and on loopback S3 (s3s-fs) against writing the commit marker of earlier dtta;
+#      opening a 10,000-commit table with checkpoints against without
 #
 # Environment: ADAPT_IMAGES (default 21, the first a warm-up).
 set -euo pipefail
@@ -27,10 +30,10 @@ ADAPT_IMAGES="${ADAPT_IMAGES:-21}"
 started=$(date +%s)
 say() { echo "[bench $(( $(date +%s) - started ))s] $*"; }
 
-say "1/4 decode + preprocess"
+say "1/5 decode + preprocess"
 bash bench/preprocess.sh
 
-say "2/4 adaptation: dtta vs the reference loop, demo bundle, CPU"
+say "2/5 adaptation: dtta vs the reference loop, demo bundle, CPU"
 "$PY" - "$WORK/adapt-shard.tar" "$ADAPT_IMAGES" <<'EOF'
 import sys, tarfile
 out, n = sys.argv[1], int(sys.argv[2])
@@ -45,10 +48,10 @@ EOF
 bench/gpu.sh --bundle configs/bundles/demo-mnist --shard "$WORK/adapt-shard.tar" --images "$ADAPT_IMAGES" \
     --device cpu --threads 1 --max-batch 15 --json "$OUT/adapt.json"
 
-say "3/4 pipeline overlap: the demo pipeline"
+say "3/5 pipeline overlap: the demo pipeline"
 "$DTTA" run pipelines/demo.toml --set output.url="$WORK/demo/" --no-progress | tee "$WORK/demo.log"
 
-say "4/4 memory: 1x and 10x the demo input, method source"
+say "4/5 memory: 1x and 10x the demo input, method source"
 mkdir -p "$WORK/x10"
 for copy in $(seq 0 9); do
     for shard in data/demo-mnist/shard-*.tar; do
@@ -58,6 +61,23 @@ done
 "$DTTA" run pipelines/demo.toml --set tta.method=source --set output.url="$WORK/mem-x1/" --no-progress >/dev/null
 "$DTTA" run pipelines/demo.toml --set tta.method=source --set output.url="$WORK/mem-x10/" \
     --set "input.url=$WORK/x10/*.tar" --no-progress >/dev/null
+
+say "5/5 the Delta log: commit latency (local disk, loopback S3) and opening a long table"
+S3_DIR="$WORK/s3"
+mkdir -p "$S3_DIR/bench"
+S3_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+.tools/bin/s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key bench --secret-key bench-secret "$S3_DIR" \
+    >"$WORK/s3s-fs.log" 2>&1 &
+S3_PID=$!
+trap 'kill $S3_PID 2>/dev/null || true' EXIT
+for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$S3_PORT") 2>/dev/null && break; sleep 0.1; done
+if [ -z "${LIBTORCH:-}" ]; then
+    LIBTORCH="$(ls -d "$ROOT"/.venv/lib/python3*/site-packages/torch | head -n 1)"
+    export LIBTORCH
+fi
+AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret \
+    cargo bench --bench delta_commit -- --s3-endpoint "http://127.0.0.1:$S3_PORT" --out "$OUT/delta.json"
+kill $S3_PID 2>/dev/null || true
 
 "$PY" - "$OUT" "$WORK" <<'EOF'
 import glob, json, os, sys
@@ -93,6 +113,16 @@ rows = [
      "ratio": x10["peak_rss_mib"] / x1["peak_rss_mib"], "goal": "<= 1.10",
      "note": f"{x10['tally']['rows']} vs {x1['tally']['rows']} images"},
 ]
+delta = json.load(open(f"{out}/delta.json"))
+for key, where in [("commit_local", "local disk"), ("commit_s3", "loopback S3")]:
+    r = delta[key]
+    rows.append({"figure": f"commit ms/shard, Delta (2 tables) vs marker, {where}",
+                 "dtta": r["delta_median_ms"], "baseline": r["marker_median_ms"],
+                 "ratio": r["ratio_median"], "goal": "-", "note": f"median of {r['shards']} shards"})
+o = delta["open"]
+rows.append({"figure": f"open a {o['commits']}-commit table: no checkpoint vs checkpoints (s)",
+             "dtta": o["with_checkpoints_s"], "baseline": o["without_s"], "ratio": o["ratio"],
+             "goal": "-", "note": "checkpoint every 100"})
 print()
 print(f"{'figure':<62} {'dtta':>10} {'baseline':>10} {'ratio':>8}  goal      note")
 num = lambda r, k: f"{r[k]:>10.2f}" if k in r else f"{'':>10}"
