@@ -65,7 +65,7 @@ demo: build
 	@echo
 	$(BIN) summarize out/demo/
 	@echo
-	@echo "Predictions: out/demo/predictions/*.parquet (committed shards: out/demo/_commits/)"
+	@echo "Predictions: out/demo/predictions/ (a Delta table; dtta history out/demo/ lists its versions)"
 
 # The dense demos (pipelines/demo-seg.toml, demo-depth.toml): one output per method,
 # then one table over them (dataset-level mIoU, or AbsRel, per corruption).
