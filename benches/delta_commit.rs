@@ -28,7 +28,9 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn marker(shard: &str) -> (CommitMarker, DataFile, DataFile) {
@@ -75,7 +77,9 @@ async fn commit_latency(store: Arc<dyn ObjectStore>, prefix: &str, shards: usize
     for i in 0..shards {
         let (m, p, s) = marker(&format!("shard-{i:06}"));
         let t = Instant::now();
-        commit::commit(&tables, &m, (&p, &s), &Layout::CLASSIFICATION).await.unwrap();
+        commit::commit(&tables, &m, (&p, &s), &Layout::CLASSIFICATION)
+            .await
+            .unwrap();
         delta_ms.push(t.elapsed().as_secs_f64() * 1e3);
         // The marker protocol: one conditional create of the shard's JSON record.
         let body = PutPayload::from(serde_json::to_vec_pretty(&m).unwrap());
@@ -141,13 +145,25 @@ fn main() {
     let shards: usize = arg("--shards").map_or(200, |s| s.parse().unwrap());
     let long: u64 = arg("--long").map_or(10_000, |s| s.parse().unwrap());
     let out = arg("--out").unwrap_or_else(|| "target/bench/delta.json".into());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let mut results = serde_json::Map::new();
     let local: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-    let prefix = tmp.path().join("local").to_str().unwrap().trim_start_matches('/').to_string();
+    let prefix = tmp
+        .path()
+        .join("local")
+        .to_str()
+        .unwrap()
+        .trim_start_matches('/')
+        .to_string();
     std::fs::create_dir_all(tmp.path().join("local")).unwrap();
-    results.insert("commit_local".into(), rt.block_on(commit_latency(local, &prefix, shards)));
+    results.insert(
+        "commit_local".into(),
+        rt.block_on(commit_latency(local, &prefix, shards)),
+    );
     if let Some(endpoint) = arg("--s3-endpoint") {
         let s3: Arc<dyn ObjectStore> = Arc::new(
             object_store::aws::AmazonS3Builder::from_env()
@@ -188,6 +204,10 @@ fn main() {
         without / with
     );
     std::fs::create_dir_all(std::path::Path::new(&out).parent().unwrap()).unwrap();
-    std::fs::write(&out, serde_json::to_vec_pretty(&serde_json::Value::Object(results)).unwrap()).unwrap();
+    std::fs::write(
+        &out,
+        serde_json::to_vec_pretty(&serde_json::Value::Object(results)).unwrap(),
+    )
+    .unwrap();
     println!("written: {out}");
 }

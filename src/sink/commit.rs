@@ -369,16 +369,18 @@ async fn remove_table_orphans(out: &Location, table: &str, shard: &str, keep_run
         if run.contains('.') || run == keep_run {
             continue;
         }
-        out.store
-            .delete(&meta.location)
-            .await
-            .map_err(|source| SinkError::Store {
-                path: meta.location.to_string(),
-                source,
-            })?;
+        delete(out, &meta.location).await?;
         removed += 1;
     }
     Ok(removed)
+}
+
+/// Deletes one object of `out`'s store.
+pub(crate) async fn delete(out: &Location, location: &object_store::path::Path) -> Result<(), SinkError> {
+    out.store.delete(location).await.map_err(|source| SinkError::Store {
+        path: location.to_string(),
+        source,
+    })
 }
 
 /// Removes the data files of `committed` shards that their commits do not name. The

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use super::commit::{refuse_old_layout, table_location, DEFAULT_CHECKPOINT_INTERVAL};
@@ -127,15 +126,7 @@ pub async fn vacuum(out: &Location, retention: Duration, dry_run: bool) -> Resul
                 report.recent += 1;
             } else {
                 if !dry_run {
-                    table
-                        .loc
-                        .store
-                        .delete(&meta.location)
-                        .await
-                        .map_err(|source| SinkError::Store {
-                            path: meta.location.to_string(),
-                            source,
-                        })?;
+                    super::commit::delete(&table.loc, &meta.location).await?;
                 }
                 report.removed_bytes += meta.size;
                 report
