@@ -311,6 +311,14 @@ pub fn write_vacuum(
     dry_run: bool,
 ) -> io::Result<()> {
     let verb = if dry_run { "would remove" } else { "removed" };
+    let secs = retention.0.as_secs();
+    let retention = match secs {
+        0 => format!("{retention}"),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{retention}"),
+    };
     for r in reports {
         writeln!(
             w,
