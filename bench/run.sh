@@ -13,7 +13,7 @@
 #   4. memory: peak RSS over 10x the demo input vs 1x (method `source`, which is
 #      decode-bound, so the buffering between stages is what is measured)
 #   5. the Delta log (benches/delta_commit.rs): commit latency per shard on local disk
-#      and on loopback S3 (s3s-fs) against writing the commit marker of earlier dtta;
+#      and on loopback S3 (s3s-fs) against the commit marker (one conditional put) of earlier dtta;
 #      opening a 10,000-commit table with checkpoints against without
 #
 # Environment: ADAPT_IMAGES (default 21, the first a warm-up).

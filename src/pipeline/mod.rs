@@ -322,9 +322,9 @@ pub async fn run(
 }
 
 /// Refuses (or, allowed, warns about) committed shards of the output that were made with
-/// a bundle other than `ours`: one table should not mix two models silently. Markers
-/// from before dtta recorded digests count as another bundle, since nobody can tell.
-/// Reads the plan's markers (every worker's committed shards, from the table).
+/// a bundle other than `ours`: one table should not mix two models silently. A commit
+/// record without a digest counts as another bundle, since nobody can tell. Reads the
+/// plan's commit records (every worker's committed shards, from the predictions table).
 fn check_one_bundle(plan: &Plan, ours: &str, mixing: MixedBundles) -> Result<(), PipelineError> {
     let mut others: std::collections::BTreeMap<Option<&str>, usize> = std::collections::BTreeMap::new();
     for digest in plan
@@ -341,7 +341,7 @@ fn check_one_bundle(plan: &Plan, ours: &str, mixing: MixedBundles) -> Result<(),
     let found = others
         .iter()
         .map(|(digest, n)| match digest {
-            None => format!("{n} with no recorded digest (committed before dtta recorded it)"),
+            None => format!("{n} with no recorded digest (a commit record not written by dtta)"),
             Some(d) => format!("{n} with sha256 {d}"),
         })
         .collect::<Vec<_>>()

@@ -1,6 +1,6 @@
 //! Reports: the summary over committed output and the text the command line prints.
 //!
-//! [`summary`] reads commit markers and run summaries (committed data only) and writes
+//! [`summary`] reads the predictions table's commit records and run summaries (committed data only) and writes
 //! `_runs/summary.*` and `_runs/robustness.*`; [`tables`] formats `dtta summarize` and
 //! `dtta plan`; [`console`] formats what `dtta run` and `dtta inspect` report; [`html`]
 //! makes the `dtta report` page. Every

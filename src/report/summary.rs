@@ -1,11 +1,12 @@
 //! `dtta summarize`: one table over every worker's committed shards, written beside the
 //! run summaries as `_runs/summary.json` and `_runs/summary.parquet` for dashboards.
 //!
-//! Counts come from commit markers only (committed data); speeds and failures come from
-//! the run summaries (`_runs/<run_id>.json`) the workers wrote.
+//! Counts come from the shards' commit records in the predictions table's snapshot only
+//! (committed data); speeds and failures come from the run summaries
+//! (`_runs/<run_id>.json`) the workers wrote.
 //!
-//! An output URL without commit markers of its own is read as a parent of outputs (one
-//! per method, as `make eval` writes): every direct child folder with markers counts.
+//! An output URL without a predictions table of its own is read as a parent of outputs
+//! (one per method, as `make eval` writes): every direct child folder with one counts.
 //! Runs with `[corrupt]` also get the robustness table, one row per method and variant,
 //! written as `_runs/robustness.csv` and `_runs/robustness.parquet`.
 
@@ -78,8 +79,8 @@ pub struct Summary {
     /// Shards a run reported as failed that are still not committed: (shard, error).
     pub failed_shards: Vec<(String, String)>,
     pub runs: usize,
-    /// Committed shards per model bundle digest (`None`: markers from before dtta
-    /// recorded it); more than one entry means the output mixes models.
+    /// Committed shards per model bundle digest (`None`: a commit record without one);
+    /// more than one entry means the output mixes models.
     pub bundles: Vec<(Option<String>, usize)>,
     /// Every run summary found, by output and start time.
     pub run_list: Vec<RunLine>,
@@ -171,7 +172,7 @@ pub async fn summarize(out: &Location, at: At) -> Result<Summary, SinkError> {
         }
         for (tag, tally) in &m.tally.by_variant {
             let variant: Variant = tag.parse().map_err(|e| SinkError::Corrupt {
-                path: format!("commit marker of shard {}", m.shard),
+                path: format!("commit record of shard {}", m.shard),
                 message: e,
             })?;
             let (corruption, severity) = (variant.corruption_name().to_string(), variant.severity);

@@ -1,5 +1,5 @@
 //! Dense tasks: dataset-level segmentation and depth metrics per method and variant,
-//! from the commit markers' sums (mIoU from per-class intersections and unions summed
+//! from the sums in the shards' commit records (mIoU from per-class intersections and unions summed
 //! over the dataset; depth errors over all valid pixels), before and after adaptation, and
 //! heatmaps of mIoU and depth delta1 per method and variant.
 

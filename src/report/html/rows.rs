@@ -89,9 +89,9 @@ pub struct Committed {
     pub series: Vec<String>,
     /// Committed shards, over all outputs.
     pub committed_shards: usize,
-    /// Distinct shard ids (as in commit markers), indexed by [`PredRow::shard`].
+    /// Distinct shard ids (as in the commit records), indexed by [`PredRow::shard`].
     pub shard_ids: Vec<String>,
-    /// Commit-marker tallies, summed (committed rows only).
+    /// Commit-record tallies, summed (committed rows only).
     pub tally: Tally,
     /// Run summaries with the display URL of their output.
     pub runs: Vec<(String, RunSummary)>,
@@ -99,7 +99,7 @@ pub struct Committed {
     pub steps: Vec<StepRow>,
     /// Whether any predictions file had a `denoiser_evals` column.
     pub has_denoiser_evals: bool,
-    /// Dense tasks: commit-marker tallies per (series, variant tag), summed; only
+    /// Dense tasks: commit-record tallies per (series, variant tag), summed; only
     /// those with dataset-level dense sums.
     pub dense: BTreeMap<(usize, String), DenseTally>,
 }
