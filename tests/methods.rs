@@ -418,3 +418,26 @@ fn a_fault_after_an_update_is_undone_and_the_retry_gives_the_undisturbed_rows() 
         }
     }
 }
+
+#[test]
+fn tent_with_batches_of_one_on_a_batchnorm_classifier_warns_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = repo().join("data/demo-mnist/shard-000000.tar");
+    for (batch, warned) in [(1, true), (8, false)] {
+        let out = tmp.path().join(format!("out-{batch}"));
+        let p = write_pipeline(
+            tmp.path(),
+            &input.to_string_lossy(),
+            &out.to_string_lossy(),
+            &format!("batch_size = {batch}\n[tta]\nmethod = \"tent\"\n"),
+        );
+        let o = run_dtta(&["run", p.to_str().unwrap(), "--no-progress"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            stderr.contains("tent with runtime.batch_size = 1") && stderr.contains("GroupNorm or LayerNorm"),
+            warned,
+            "batch {batch}: {stderr}"
+        );
+    }
+}

@@ -42,6 +42,12 @@ pub struct Tent {
 }
 
 impl Tent {
+    /// Why TENT on a BatchNorm model wants batches (logged when `batch_size` is 1).
+    pub const BATCH_OF_ONE: &'static str = "tent with runtime.batch_size = 1 on a classifier with running statistics \
+        (BatchNorm): in train mode each image is normalised by its own statistics (over its pixels alone; a 1x1 \
+        feature map has zero variance), so its predictions and the entropy gradient are unreliable. Use \
+        batch_size >= 16, or a backbone with GroupNorm or LayerNorm (README, \"TENT and batch size\")";
+
     pub fn new(
         classifier: Classifier,
         cfg: &TentConfig,
@@ -60,8 +66,12 @@ impl Tent {
             &classifier.head,
             &classifier.norm,
         );
+        let buffers = classifier.buffers()?;
+        if batch_size == 1 && !buffers.is_empty() {
+            tracing::warn!("{}", Self::BATCH_OF_ONE);
+        }
         Ok(Tent {
-            buffers: classifier.buffers()?,
+            buffers,
             rollback: None,
             fault: InjectedFault::from_env(),
             classifier,
