@@ -18,46 +18,22 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use dtta::sink::commit::{self, CommitMarker, Tables};
-use dtta::sink::delta::{self, At, Commit, Table, Txn};
+use dtta::sink::commit::{self, Tables};
+use dtta::sink::delta::{self, At, Commit, Table};
 use dtta::sink::predictions::Layout;
-use dtta::sink::{DataFile, Tally};
 use dtta::storage::Location;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+
+// The commit records the tests use too (tests/object_stores.rs).
+#[path = "../tests/common/records.rs"]
+mod records;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn marker(shard: &str) -> (CommitMarker, DataFile, DataFile) {
-    let file = |table: &str| DataFile {
-        rel: format!("{table}/{shard}.bench.parquet"),
-        rows: 100,
-        size: 4096,
-        modified_ms: 0,
-    };
-    let m = CommitMarker {
-        shard: shard.into(),
-        run_id: "bench".into(),
-        predictions: file("predictions").rel,
-        steps: file("steps").rel,
-        source: format!("s3://bucket/in/{shard}.tar"),
-        method: "diffusion-tta".into(),
-        bundle_sha256: Some("0".repeat(64)),
-        config_sha256: Some("1".repeat(64)),
-        worker_index: 0,
-        worker_count: 1,
-        committed_at: "2026-12-04T00:00:00Z".into(),
-        tally: Tally {
-            rows: 100,
-            ..Default::default()
-        },
-    };
-    (m, file("predictions"), file("steps"))
 }
 
 fn stats(mut ms: Vec<f64>) -> (f64, f64) {
@@ -75,7 +51,7 @@ async fn commit_latency(store: Arc<dyn ObjectStore>, prefix: &str, shards: usize
     let tables = Tables::new(&out, 100);
     let (mut delta_ms, mut marker_ms) = (Vec::new(), Vec::new());
     for i in 0..shards {
-        let (m, p, s) = marker(&format!("shard-{i:06}"));
+        let (m, p, s) = records::marker_for(&format!("shard-{i:06}"), "bench", 0);
         let t = Instant::now();
         commit::commit(&tables, &m, (&p, &s), &Layout::CLASSIFICATION)
             .await
@@ -112,23 +88,8 @@ async fn open_time(dir: &std::path::Path, commits: u64, interval: u64) -> f64 {
     let schema = dtta::sink::predictions::schema(&Layout::CLASSIFICATION);
     let table = Table::new(loc.clone(), interval);
     for i in 0..commits {
-        let c = Commit {
-            adds: vec![delta::AddFile {
-                path: format!("shard-{i:06}.bench.parquet"),
-                partition_values: Default::default(),
-                size: 4096,
-                modification_time: 0,
-                data_change: true,
-                stats: Some(r#"{"numRecords":100}"#.into()),
-                tags: Default::default(),
-            }],
-            txn: Txn {
-                app_id: format!("dtta/shard-{i:06}"),
-                version: 0,
-                last_updated: None,
-            },
-            info: Default::default(),
-        };
+        let add = delta::AddFile::data_file(&format!("shard-{i:06}.bench.parquet"), 4096, 0, 100);
+        let c = Commit::one_file(add, format!("dtta/shard-{i:06}"), Default::default());
         table.commit(&c, &schema).await.unwrap();
     }
     let mut secs = Vec::new();

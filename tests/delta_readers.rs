@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 
 use common::servers::S3;
 use common::*;
-use dtta::sink::delta::{self, At, Commit, Table, Txn};
+use dtta::sink::delta::{self, At, Commit, Table};
 
 fn python() -> PathBuf {
     let python = repo().join(".venv/bin/python");
@@ -202,23 +202,8 @@ fn a_table_of_a_thousand_commits_opens_from_its_checkpoint() {
     rt.block_on(async {
         let table = Table::new(loc.clone(), 100);
         for i in 0..1000 {
-            let commit = Commit {
-                adds: vec![delta::AddFile {
-                    path: format!("s{i:04}.r.parquet"),
-                    partition_values: BTreeMap::new(),
-                    size: 1,
-                    modification_time: 0,
-                    data_change: true,
-                    stats: Some(r#"{"numRecords":1}"#.into()),
-                    tags: BTreeMap::new(),
-                }],
-                txn: Txn {
-                    app_id: format!("dtta/s{i:04}"),
-                    version: 0,
-                    last_updated: None,
-                },
-                info: Default::default(),
-            };
+            let add = delta::AddFile::data_file(&format!("s{i:04}.r.parquet"), 1, 0, 1);
+            let commit = Commit::one_file(add, format!("dtta/s{i:04}"), Default::default());
             table.commit(&commit, &schema).await.unwrap();
         }
     });

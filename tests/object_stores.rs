@@ -9,9 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::servers::{Azurite, FakeGcs, S3};
 use common::*;
-use dtta::sink::commit::{self, CommitMarker, CommitResult};
+use dtta::sink::commit::{self, CommitResult};
 use dtta::sink::predictions::Layout;
-use dtta::sink::{DataFile, Tally};
 use dtta::storage::Location;
 use futures::TryStreamExt;
 use object_store::path::Path as StorePath;
@@ -87,34 +86,6 @@ fn location(store: &Arc<dyn ObjectStore>, prefix: &str) -> Location {
     }
 }
 
-/// A shard's commit record for a run, with placeholder files.
-fn marker_for(shard: &str, run: &str, worker: usize) -> (CommitMarker, DataFile, DataFile) {
-    let file = |table: &str| DataFile {
-        rel: format!("{table}/{shard}.{run}.parquet"),
-        rows: 1,
-        size: 1,
-        modified_ms: 0,
-    };
-    let marker = CommitMarker {
-        shard: shard.into(),
-        run_id: run.into(),
-        predictions: file("predictions").rel,
-        steps: file("steps").rel,
-        source: String::new(),
-        method: "source".into(),
-        bundle_sha256: Some("0".repeat(64)),
-        config_sha256: None,
-        worker_index: worker,
-        worker_count: 8,
-        committed_at: String::new(),
-        tally: Tally {
-            rows: 1,
-            ..Default::default()
-        },
-    };
-    (marker, file("predictions"), file("steps"))
-}
-
 /// Eight writers, each with its own view of the log as separate processes have, commit
 /// to one pair of tables at once: 6 shards each, and each shard a second time by another
 /// "run" (a worker restarted elsewhere). Every shard lands once, in one commit per
@@ -141,7 +112,7 @@ fn eight_writers_commit_each_shard_once(store: Arc<dyn ObjectStore>, prefix: &st
                             (format!("s{:02}", w * 6 + i), format!("w{w}")),
                             (format!("s{:02}", ((w + 1) % 8) * 6 + i), format!("x{w}")),
                         ] {
-                            let (marker, p, s) = marker_for(&shard, &run, w);
+                            let (marker, p, s) = records::marker_for(&shard, &run, w);
                             for f in [&p, &s] {
                                 out.store
                                     .put(&out.child(&f.rel), PutPayload::from_static(b"x"))
@@ -255,12 +226,12 @@ fn s3_input_and_output_commit_once_and_keep_secrets() {
     // same run committing again (a retried request) finds its own commit.
     let tables = commit::Tables::new(&location(&store, "race"), 100);
     let layout = Layout::CLASSIFICATION;
-    let (marker, pf, sf) = marker_for("s", "r1", 0);
+    let (marker, pf, sf) = records::marker_for("s", "r1", 0);
     assert_eq!(
         block_on(commit::commit(&tables, &marker, (&pf, &sf), &layout)).unwrap(),
         CommitResult::Committed
     );
-    let (other, p2, s2) = marker_for("s", "r2", 0);
+    let (other, p2, s2) = records::marker_for("s", "r2", 0);
     assert_eq!(
         block_on(commit::commit(&tables, &other, (&p2, &s2), &layout)).unwrap(),
         CommitResult::AlreadyCommitted

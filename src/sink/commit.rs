@@ -19,7 +19,7 @@ use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::delta::{self, At, Commit, Committed, Table, Txn};
+use super::delta::{self, At, Commit, Committed, Table};
 use super::predictions::Layout;
 use super::{DataFile, SinkError, Tally};
 use crate::storage::{retrying, Location};
@@ -112,18 +112,12 @@ fn txn_id(shard: &str) -> String {
 /// The `add` action of `file`, carrying `marker`.
 fn add_action(file: &DataFile, table: &str, marker: &CommitMarker) -> delta::AddFile {
     let in_table = file.rel.strip_prefix(&format!("{table}/")).unwrap_or(&file.rel);
-    delta::AddFile {
-        path: delta::encode_path(in_table),
-        partition_values: BTreeMap::new(),
-        size: file.size as i64,
-        modification_time: file.modified_ms,
-        data_change: true,
-        stats: Some(serde_json::json!({ "numRecords": file.rows }).to_string()),
-        tags: BTreeMap::from([(
-            MARKER_TAG.to_string(),
-            serde_json::to_string(marker).expect("markers serialize"),
-        )]),
-    }
+    let mut add = delta::AddFile::data_file(in_table, file.size, file.modified_ms, file.rows);
+    add.tags.insert(
+        MARKER_TAG.to_string(),
+        serde_json::to_string(marker).expect("markers serialize"),
+    );
+    add
 }
 
 /// The commitInfo fields dtta adds: who committed what (README, "Outputs").
@@ -169,15 +163,11 @@ async fn commit_file(
     marker: &CommitMarker,
     schema: &arrow_schema::Schema,
 ) -> Result<CommitResult, SinkError> {
-    let commit = Commit {
-        adds: vec![add_action(file, name, marker)],
-        txn: Txn {
-            app_id: txn_id(&marker.shard),
-            version: 0,
-            last_updated: None,
-        },
-        info: run_facts(marker, file.rows),
-    };
+    let commit = Commit::one_file(
+        add_action(file, name, marker),
+        txn_id(&marker.shard),
+        run_facts(marker, file.rows),
+    );
     match table.commit(&commit, schema).await? {
         Committed::Now(_) => Ok(CommitResult::Committed),
         Committed::Before(adds) => {

@@ -124,6 +124,22 @@ pub struct AddFile {
     pub tags: BTreeMap<String, String>,
 }
 
+impl AddFile {
+    /// The `add` of a data file at `rel` (relative to the table, not yet encoded) that
+    /// holds `rows` rows, with no tags.
+    pub fn data_file(rel: &str, size: u64, modified_ms: i64, rows: u64) -> AddFile {
+        AddFile {
+            path: encode_path(rel),
+            partition_values: BTreeMap::new(),
+            size: size as i64,
+            modification_time: modified_ms,
+            data_change: true,
+            stats: Some(serde_json::json!({ "numRecords": rows }).to_string()),
+            tags: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RemoveFile {
@@ -242,6 +258,22 @@ pub struct Commit {
     pub txn: Txn,
     /// Fields of commitInfo beyond Delta's own (timestamp, operation, engineInfo).
     pub info: serde_json::Map<String, Value>,
+}
+
+impl Commit {
+    /// A commit of one file under the transaction id `app_id` (version 0: dtta commits
+    /// each id once).
+    pub fn one_file(add: AddFile, app_id: String, info: serde_json::Map<String, Value>) -> Commit {
+        Commit {
+            adds: vec![add],
+            txn: Txn {
+                app_id,
+                version: 0,
+                last_updated: None,
+            },
+            info,
+        }
+    }
 }
 
 /// How a commit ended.

@@ -1,4 +1,3 @@
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema};
@@ -24,23 +23,9 @@ fn schema() -> Schema {
 }
 
 fn commit_of(shard: &str, run: &str) -> Commit {
-    Commit {
-        adds: vec![AddFile {
-            path: encode_path(&format!("{shard}.{run}.parquet")),
-            partition_values: BTreeMap::new(),
-            size: 10,
-            modification_time: 1,
-            data_change: true,
-            stats: Some(r#"{"numRecords":1}"#.into()),
-            tags: BTreeMap::from([("run".to_string(), run.to_string())]),
-        }],
-        txn: Txn {
-            app_id: format!("dtta/{shard}"),
-            version: 0,
-            last_updated: None,
-        },
-        info: serde_json::Map::new(),
-    }
+    let mut add = AddFile::data_file(&format!("{shard}.{run}.parquet"), 10, 1, 1);
+    add.tags.insert("run".to_string(), run.to_string());
+    Commit::one_file(add, format!("dtta/{shard}"), serde_json::Map::new())
 }
 
 fn rt() -> tokio::runtime::Runtime {
