@@ -131,7 +131,8 @@ fn run_summaries(out: &Path) -> Vec<serde_json::Value> {
         .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("summary"))
         .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
         .collect();
-    runs.sort_by_key(|r| r["run_id"].as_str().unwrap().to_string());
+    // Start order: two runs that start within one second have run ids in random order.
+    runs.sort_by_key(|r| chrono::DateTime::parse_from_rfc3339(r["started_at"].as_str().unwrap()).unwrap());
     runs
 }
 

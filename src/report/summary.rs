@@ -91,6 +91,8 @@ pub struct Summary {
 pub struct RunLine {
     /// The output it wrote to (one of several below a parent of outputs).
     pub output: String,
+    /// When it started (RFC 3339, UTC); lines sort by it within an output.
+    pub started_at: String,
     pub run_id: String,
     pub worker: usize,
     pub method: String,
@@ -104,6 +106,9 @@ pub struct RunLine {
 struct RunFacts {
     #[serde(default)]
     run_id: String,
+    /// RFC 3339 with sub-second digits; run ids only sort by the second they start in.
+    #[serde(default)]
+    started_at: String,
     #[serde(default)]
     bundle_sha256: Option<String>,
     #[serde(default)]
@@ -143,6 +148,7 @@ pub async fn summarize(out: &Location, at: At) -> Result<Summary, SinkError> {
         markers.extend(committed.into_values());
         run_list.extend(output_runs.iter().map(|r| RunLine {
             output: output.display.clone(),
+            started_at: r.started_at.clone(),
             run_id: r.run_id.clone(),
             worker: r.worker.index,
             method: r.method.clone(),
@@ -151,7 +157,7 @@ pub async fn summarize(out: &Location, at: At) -> Result<Summary, SinkError> {
         }));
         runs.extend(output_runs);
     }
-    run_list.sort_by(|a, b| (&a.output, &a.run_id).cmp(&(&b.output, &b.run_id)));
+    run_list.sort_by(|a, b| (&a.output, &a.started_at, &a.run_id).cmp(&(&b.output, &b.started_at, &b.run_id)));
     let mut bundles: BTreeMap<Option<String>, usize> = BTreeMap::new();
     for m in &markers {
         *bundles.entry(m.bundle_sha256.clone()).or_default() += 1;

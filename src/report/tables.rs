@@ -413,6 +413,7 @@ mod tests {
             bundles: vec![(Some("e25f".into()), 2)],
             run_list: vec![RunLine {
                 output: "out/demo/".into(),
+                started_at: "2026-11-30T00:00:00.250+00:00".into(),
                 run_id: "20261130T000000Z-00ab".into(),
                 worker: 0,
                 method: "tent".into(),
@@ -438,6 +439,7 @@ run 20261130T000000Z-00ab (worker 0, tent): 2 shard(s) committed, bundle sha256 
     fn summary_notes_committed_shards_of_several_bundles() {
         let run = |output: &str, run_id: &str, digest: Option<&str>| RunLine {
             output: output.into(),
+            started_at: String::new(),
             run_id: run_id.into(),
             worker: 1,
             method: "source".into(),
