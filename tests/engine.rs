@@ -4,46 +4,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::*;
+use common::reference::*;
 use dtta::model::Bundle;
 use dtta::rng::Rng;
-use dtta::storage::StoreOptions;
 use dtta::tta::methods::{DiffusionTta, Dusa, ReplayDraws};
 use dtta::tta::schedule::{normal_tensor, uniform_tensor, ReplayNoise};
 use dtta::tta::{Adapt, DusaConfig, Loss, MethodName, Mode, OptimizerKind, TtaConfig};
-use tch::{Device, Kind, Tensor};
-
-fn python(args: &[&str]) {
-    let py = repo().join(".venv/bin/python");
-    assert!(py.exists(), "the venv is missing: run `make setup`");
-    let o = Command::new(py).args(args).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-}
+use tch::{Device, Tensor};
 
 fn tiny_bundle(dir: &Path, text_embeddings: bool) -> PathBuf {
     let flags: &[&str] = if text_embeddings { &["--text-embeddings"] } else { &[] };
     make_tiny_bundle(dir, if text_embeddings { "tiny-text" } else { "tiny" }, flags)
-}
-
-/// `tools/make_tiny_bundle.py DIR/NAME FLAGS...`.
-fn make_tiny_bundle(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
-    let out = dir.join(name);
-    let script = repo().join("tools/make_tiny_bundle.py");
-    let mut args = vec![script.to_str().unwrap(), out.to_str().unwrap()];
-    args.extend_from_slice(flags);
-    python(&args);
-    out
-}
-
-fn load(bundle: &Path) -> Bundle {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(Bundle::open(bundle.to_str().unwrap(), &StoreOptions::default()))
-        .unwrap()
 }
 
 fn engine(bundle: &Bundle, cfg: &TtaConfig) -> DiffusionTta {
@@ -62,31 +34,10 @@ fn knobs(steps: usize, accum: usize, samples: usize) -> TtaConfig {
     }
 }
 
-fn floats(t: &Tensor) -> Vec<f32> {
-    Vec::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs() / (y.abs() as f64).max(1e-3))
-        .fold(0.0, f64::max)
-}
-
 /// Runs the reference with `ref_args`, replays its draws through the engine configured
 /// by `cfg`, and compares per-iteration losses and final adapted parameters.
 fn check_parity(bundle_dir: &Path, cfg: TtaConfig, ref_args: &[&str]) {
-    let out = bundle_dir.join(format!("ref-{}.safetensors", rand::random::<u32>()));
-    let mut args = vec![
-        repo().join("tools/reference_tta.py").to_string_lossy().into_owned(),
-        bundle_dir.to_string_lossy().into_owned(),
-        out.to_string_lossy().into_owned(),
-    ];
-    args.extend(ref_args.iter().map(|s| s.to_string()));
-    python(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let reference: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let reference = run_reference(bundle_dir, ref_args);
 
     let bundle = load(bundle_dir);
     // Online mode: the adapted weights stay in place after the image, to be compared;
@@ -132,18 +83,7 @@ fn check_parity(bundle_dir: &Path, cfg: TtaConfig, ref_args: &[&str]) {
 /// through [`Dusa`] configured by `cfg`, and compares candidates, per-iteration losses
 /// and the final adapted parameters (the weights are not reset in between).
 fn check_dusa_parity(bundle_dir: &Path, cfg: TtaConfig, batch: usize, batches: usize, ref_args: &[&str]) {
-    let out = bundle_dir.join(format!("ref-dusa-{}.safetensors", rand::random::<u32>()));
-    let mut args = vec![
-        repo().join("tools/reference_tta.py").to_string_lossy().into_owned(),
-        bundle_dir.to_string_lossy().into_owned(),
-        out.to_string_lossy().into_owned(),
-        "--method".into(),
-        "dusa".into(),
-    ];
-    args.extend(ref_args.iter().map(|s| s.to_string()));
-    python(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let reference: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let reference = run_reference(bundle_dir, &[&["--method", "dusa"], ref_args].concat());
     let bundle = load(bundle_dir);
     let classifier = bundle.load_classifier(Device::Cpu).unwrap();
     let diffusion = bundle.load_diffusion(Device::Cpu).unwrap();

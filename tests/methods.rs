@@ -377,8 +377,18 @@ fn a_fault_after_an_update_is_undone_and_the_retry_gives_the_undisturbed_rows() 
     // One shard: an online stream's rows depend on the order of its batches.
     let input = shards(&tmp.path().join("in"), 12, 1);
     // (name, [tta], batch size, the update that fails)
+    let eata = format!(
+        "method = \"eata\"\n[tta.eata]\nfisher_url = \"{input}\"\nfisher_samples = 6\nfisher_batch = 3\ne_margin = 0.9\nd_margin = 0.9"
+    );
     let cases = [
         ("tent", "method = \"tent\"", "runtime.batch_size=3", "2"),
+        ("eata", eata.as_str(), "runtime.batch_size=3", "2"),
+        (
+            "sar",
+            "method = \"sar\"\n[tta.sar]\nreset_below = 0.05",
+            "runtime.batch_size=3",
+            "2",
+        ),
         (
             "diffusion-tta-online",
             "method = \"diffusion-tta\"\nmode = \"online\"\nsteps = 2\naccum = 1\nsamples_per_step = 2\nlr = 0.01",
@@ -420,24 +430,62 @@ fn a_fault_after_an_update_is_undone_and_the_retry_gives_the_undisturbed_rows() 
 }
 
 #[test]
-fn tent_with_batches_of_one_on_a_batchnorm_classifier_warns_why() {
+fn batch_statistics_methods_with_batches_of_one_on_a_batchnorm_classifier_warn_why() {
     let tmp = tempfile::tempdir().unwrap();
     let input = repo().join("data/demo-mnist/shard-000000.tar");
-    for (batch, warned) in [(1, true), (8, false)] {
-        let out = tmp.path().join(format!("out-{batch}"));
-        let p = write_pipeline(
-            tmp.path(),
-            &input.to_string_lossy(),
-            &out.to_string_lossy(),
-            &format!("batch_size = {batch}\n[tta]\nmethod = \"tent\"\n"),
-        );
-        let o = run_dtta(&["run", p.to_str().unwrap(), "--no-progress"]);
-        assert!(o.status.success(), "{}", text(&o));
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(
-            stderr.contains("tent with runtime.batch_size = 1") && stderr.contains("GroupNorm or LayerNorm"),
-            warned,
-            "batch {batch}: {stderr}"
-        );
+    for method in ["tent", "eata", "sar"] {
+        for (batch, warned) in [(1, true), (8, false)] {
+            let out = tmp.path().join(format!("out-{method}-{batch}"));
+            let p = write_pipeline(
+                tmp.path(),
+                &input.to_string_lossy(),
+                &out.to_string_lossy(),
+                &format!("batch_size = {batch}\n[tta]\nmethod = \"{method}\"\n[tta.eata]\nfisher_alpha = 0.0\n"),
+            );
+            let o = run_dtta(&["run", p.to_str().unwrap(), "--no-progress"]);
+            assert!(o.status.success(), "{}", text(&o));
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(
+                stderr.contains(&format!("{method} with runtime.batch_size = 1"))
+                    && stderr.contains("GroupNorm or LayerNorm"),
+                warned,
+                "{method}, batch {batch}: {stderr}"
+            );
+        }
     }
+}
+
+/// EATA's Fisher information needs clean images: without `tta.eata.fisher_url` (and
+/// `fisher_alpha` > 0) the run is refused with exit 2 and one line saying so; with it,
+/// the log says how many images made it.
+#[test]
+fn eata_reads_its_clean_images_or_says_it_needs_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = repo().join("data/demo-mnist/shard-000000.tar");
+    let out = tmp.path().join("out");
+    let p = write_pipeline(
+        tmp.path(),
+        &input.to_string_lossy(),
+        &out.to_string_lossy(),
+        "batch_size = 16\n[tta]\nmethod = \"eata\"\n",
+    );
+    let o = run_dtta(&["run", p.to_str().unwrap(), "--no-progress"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("tta.eata.fisher_url"),
+        "{}",
+        text(&o)
+    );
+    assert!(committed_files(&out).is_empty());
+
+    let fisher = format!("tta.eata.fisher_url={}", input.display());
+    let sets = ["--set", &fisher, "--set", "tta.eata.fisher_samples=40"];
+    let o = run_dtta(&[&["run", p.to_str().unwrap(), "--no-progress"], &sets[..]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Fisher information from 40 clean image(s) in 1 batch(es)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(committed_files(&out).len(), 1);
 }

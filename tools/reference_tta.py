@@ -33,6 +33,23 @@ per-pixel softmax over them. The loss is mean((eps - sum_k p_k denoiser(x_t, t, 
 averaged over the batch's images and divided by accum. Saves eps, u (in draw order), the
 candidates (concatenated, with their counts), the losses and the final adapted parameters.
 
+EATA and SAR (ALGORITHM.md's baselines; the authors' eata.py, sar.py and sam.py),
+parity mode only:
+
+       python tools/reference_tta.py BUNDLE_DIR OUT.safetensors --method eata|sar
+       [--batch 8] [--batches 4] [--lr 2.5e-4] [--momentum 0.9] [--e-margin 0.4]
+       [--d-margin 0.05] [--fisher-alpha 2000] [--fisher-samples 16] [--fisher-batch 8]
+       [--rho 0.05] [--reset-below 0.2] [--frozen layer4,norm] [--seed 0]
+
+online over `batches` batches of `batch` random images, each image scaled by its own
+factor (so entropies spread over the filters' thresholds), with the classifier in train
+mode and the bundle's norm-layer affine parameters adapted by SGD (SAR: less those in
+--frozen module paths). EATA's Fisher information comes from --fisher-samples other
+random images (the authors' main.py: cross-entropy on the model's own argmax, squared
+gradients summed per batch, divided by the number of batches). Saves the images, the
+per-batch losses (NaN: no update), the reliable and kept masks, SAR's moving average
+and recoveries, and the final adapted parameters.
+
 Images mode (a benchmark baseline; OUT.safetensors is not used):
 
        python tools/reference_tta.py BUNDLE_DIR --images DIR_OR_TAR [--json OUT.json]
@@ -92,7 +109,7 @@ def main():
     ap.add_argument("--loss", default="mse", help="mse | l1")
     ap.add_argument("--adapt-topk", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--method", choices=["diffusion-tta", "dusa"], default="diffusion-tta")
+    ap.add_argument("--method", choices=["diffusion-tta", "dusa", "eata", "sar"], default="diffusion-tta")
     dusa = ap.add_argument_group("dusa (parity mode)")
     dusa.add_argument("--timestep", type=int, default=100)
     dusa.add_argument("--dusa-topk", type=int, default=2)
@@ -101,6 +118,15 @@ def main():
     dusa.add_argument("--no-adapt-head", action="store_true", help="leave the classifier's head out")
     dusa.add_argument("--batch", type=int, default=2, help="images per online batch")
     dusa.add_argument("--batches", type=int, default=2, help="online batches")
+    entropy = ap.add_argument_group("eata and sar (parity mode; --batch and --batches as dusa online)")
+    entropy.add_argument("--e-margin", type=float, default=0.4, help="E0 as a fraction of ln C")
+    entropy.add_argument("--d-margin", type=float, default=0.05)
+    entropy.add_argument("--fisher-alpha", type=float, default=2000.0)
+    entropy.add_argument("--fisher-samples", type=int, default=16)
+    entropy.add_argument("--fisher-batch", type=int, default=8)
+    entropy.add_argument("--rho", type=float, default=0.05)
+    entropy.add_argument("--reset-below", type=float, default=0.2)
+    entropy.add_argument("--frozen", default="", help="comma-separated module paths SAR leaves alone")
     images = ap.add_argument_group("images mode")
     images.add_argument("--images", help="folder of JPEG/PNG/WebP files, or a WebDataset .tar")
     images.add_argument("--json", help="write per-image results and timings here")
@@ -128,6 +154,8 @@ def main():
         ap.error("OUT.safetensors is required (or --images DIR_OR_TAR)")
     if args.method == "dusa":
         return run_dusa(args)
+    if args.method in ("eata", "sar"):
+        return run_entropy_method(args)
     for name, value in (("steps", 3), ("accum", 2), ("samples", 4), ("lr", 0.05)):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -307,6 +335,180 @@ def run_dusa(args):
     save_file(out, args.out)
     print(f"reference dusa ({args.mode}): {len(iterations)} iterations, final loss {losses[-1].item():.6f}, "
           f"{len(params)} adapted tensors")
+
+
+def softmax_entropy(x):
+    return -(x.softmax(1) * x.log_softmax(1)).sum(1)
+
+
+def norm_parameters(classifier, cls_spec, frozen):
+    """(name, parameter) of the bundle's norm affines outside the `frozen` module paths
+    (a parameter's module path equal to one, or below one); requires_grad on those only."""
+    norm = set(cls_spec.get("norm", []))
+
+    def is_frozen(name):
+        module = name.rpartition(".")[0]
+        return any(module == f or module.startswith(f + ".") for f in frozen)
+
+    params = []
+    for name, p in classifier.named_parameters():
+        chosen = name in norm and not is_frozen(name)
+        p.requires_grad_(chosen)
+        if chosen:
+            params.append(("classifier." + name, p))
+    return params
+
+
+def eata_fishers(classifier, params, images, batch):
+    """The authors' main.py: per batch, CE on the model's own argmax, backward, squared
+    gradients summed; at the last batch divided by the number of batches."""
+    ewc_optimizer = torch.optim.SGD([p for _, p in params], 0.001)
+    chunks = images.split(batch)
+    fishers = {}
+    for i, chunk in enumerate(chunks, start=1):
+        outputs = classifier(chunk)
+        _, targets = outputs.max(1)
+        torch.nn.functional.cross_entropy(outputs, targets).backward()
+        for name, p in params:
+            if p.grad is not None:
+                fisher = p.grad.detach().clone() ** 2
+                if i > 1:
+                    fisher = fisher + fishers[name][0]
+                if i == len(chunks):
+                    fisher = fisher / i
+                fishers[name] = [fisher, p.detach().clone()]
+        ewc_optimizer.zero_grad()
+    return fishers
+
+
+def eata_batch(x, classifier, params, optimizer, fishers, e_margin, d_margin, alpha, probs):
+    """eata.py's forward_and_adapt_eata; returns (outputs, ids1, kept ids, loss or NaN, new probs)."""
+    outputs = classifier(x)
+    entropys = softmax_entropy(outputs)
+    ids1 = torch.where(entropys < e_margin)
+    ids2 = torch.where(ids1[0] > -0.1)
+    entropys = entropys[ids1]
+    if probs is not None:
+        cos = torch.nn.functional.cosine_similarity(probs.unsqueeze(dim=0), outputs[ids1].softmax(1), dim=1)
+        ids2 = torch.where(torch.abs(cos) < d_margin)
+        entropys = entropys[ids2]
+        new = outputs[ids1][ids2].softmax(1)
+        updated = probs if new.size(0) == 0 else (0.9 * probs + 0.1 * new.mean(0)).detach()
+    else:
+        new = outputs[ids1].softmax(1)
+        updated = None if new.size(0) == 0 else new.mean(0).detach()
+    coeff = 1 / (torch.exp(entropys.clone().detach() - e_margin))
+    loss = entropys.mul(coeff).mean(0)
+    if fishers is not None:
+        ewc = 0
+        for name, p in params:
+            ewc += alpha * (fishers[name][0] * (p - fishers[name][1]) ** 2).sum()
+        loss += ewc
+    value = float("nan")
+    if x[ids1][ids2].size(0) != 0:
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+    optimizer.zero_grad()
+    return outputs, ids1[0], ids1[0][ids2[0]], value, updated
+
+
+def sar_batch(x, classifier, params, optimizer, rho, e_margin, reset_below, ema):
+    """sar.py's forward_and_adapt_sar with sam.py's two steps (base SGD); returns
+    (outputs, ids1, kept ids, first loss, second loss, ema, reset)."""
+    tensors = [p for _, p in params]
+    optimizer.zero_grad()
+    outputs = classifier(x)
+    entropys = softmax_entropy(outputs)
+    ids1 = torch.where(entropys < e_margin)
+    loss = entropys[ids1].mean(0)
+    loss.backward()
+    with torch.no_grad():  # SAM first_step
+        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in tensors if p.grad is not None]), p=2)
+        scale = rho / (grad_norm + 1e-12)
+        old = {}
+        for p in tensors:
+            if p.grad is None:
+                continue
+            old[p] = p.data.clone()
+            p.add_(p.grad * scale.to(p))
+    optimizer.zero_grad()
+    entropys2 = softmax_entropy(classifier(x))[ids1]
+    ids2 = torch.where(entropys2 < e_margin)
+    loss2 = entropys2[ids2].mean(0)
+    if not math.isnan(loss2.item()):
+        ema = loss2.item() if ema is None else 0.9 * ema + (1 - 0.9) * loss2.item()
+    loss2.backward()
+    with torch.no_grad():  # SAM second_step
+        for p in tensors:
+            if p.grad is None:
+                continue
+            p.data = old[p]
+    optimizer.step()
+    optimizer.zero_grad()
+    reset = ema is not None and ema < reset_below
+    return outputs, ids1[0], ids1[0][ids2[0]], loss.item(), loss2.item(), ema, reset
+
+
+def run_entropy_method(args):
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    spec = tomllib.load(open(os.path.join(args.bundle, "bundle.toml"), "rb"))
+    cls_spec = spec["classifier"]
+    classifier = torch.jit.load(os.path.join(args.bundle, cls_spec["file"])).train()
+    frozen = [f for f in args.frozen.split(",") if f] if args.method == "sar" else []
+    params = norm_parameters(classifier, cls_spec, frozen)
+    K = cls_spec["num_classes"]
+    pre = cls_spec["preprocess"]
+    n = args.batch * args.batches
+    shape = (pre["channels"], pre["crop"], pre["crop"])
+    scale = torch.exp(torch.empty(n, 1, 1, 1).uniform_(math.log(0.05), math.log(20.0)))
+    x = torch.randn(n, *shape) * scale
+    lr = args.lr if args.lr is not None else 2.5e-4
+    e_margin = args.e_margin * math.log(K)
+    out = {"x_cls": x.contiguous()}
+    fishers = None
+    if args.method == "eata" and args.fisher_alpha > 0:
+        fisher_x = torch.randn(args.fisher_samples, *shape)
+        out["fisher_x"] = fisher_x.contiguous()
+        fishers = eata_fishers(classifier, params, fisher_x, args.fisher_batch)
+    source = {name: p.detach().clone() for name, p in params}
+    new_optimizer = lambda: torch.optim.SGD([p for _, p in params], lr=lr, momentum=args.momentum)
+    optimizer = new_optimizer()
+    probs, ema = None, None
+    reliable, kept, losses, seconds, emas, resets = [], [], [], [], [], []
+    for j in range(args.batches):
+        xb = x[j * args.batch:(j + 1) * args.batch]
+        if args.method == "eata":
+            _, ids1, ids2, value, probs = eata_batch(xb, classifier, params, optimizer, fishers, e_margin,
+                                                     args.d_margin, args.fisher_alpha, probs)
+        else:
+            _, ids1, ids2, value, second, ema, reset = sar_batch(xb, classifier, params, optimizer, args.rho,
+                                                                 e_margin, args.reset_below, ema)
+            if reset:  # sar.py's reset: source weights, fresh optimizer; the ema is kept
+                with torch.no_grad():
+                    for name, p in params:
+                        p.copy_(source[name])
+                optimizer = new_optimizer()
+            seconds.append(second)
+            emas.append(float("nan") if ema is None else ema)
+            resets.append(float(reset))
+        mask = lambda ids: torch.zeros(args.batch, dtype=torch.bool).index_fill_(0, ids, True)
+        reliable.append(mask(ids1))
+        kept.append(mask(ids2))
+        losses.append(value)
+    out["reliable"] = torch.cat(reliable).to(torch.uint8)
+    out["kept"] = torch.cat(kept).to(torch.uint8)
+    out["losses"] = torch.tensor(losses)
+    if args.method == "sar":
+        out["losses_second"] = torch.tensor(seconds)
+        out["ema"] = torch.tensor(emas, dtype=torch.float64)
+        out["resets"] = torch.tensor(resets)
+    for name, p in params:
+        out["param." + name] = p.detach().contiguous()
+    save_file(out, args.out)
+    print(f"reference {args.method}: {args.batches} batches of {args.batch}, reliable {int(out['reliable'].sum())}, "
+          f"kept {int(out['kept'].sum())}, {len(params)} adapted tensors")
 
 
 # ----------------------------------------------------------------------------------------

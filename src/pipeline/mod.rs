@@ -18,6 +18,7 @@
 //! its samples) fails that shard only; the run goes on and reports it.
 
 mod adapt;
+pub mod clean;
 mod decode;
 mod event;
 mod fetch;
@@ -47,7 +48,7 @@ use crate::sink::predictions::Layout;
 use crate::sink::{SinkError, Tally};
 use crate::storage::{self, Location, ShardRef, StorageError, StoreOptions};
 use crate::tta::methods::BuildError;
-use crate::tta::{Method, Outcome};
+use crate::tta::{Method, MethodName, Outcome};
 use crate::worker::Worker;
 use decode::{Decoder, PrepareFn};
 use event::Event;
@@ -67,6 +68,8 @@ pub enum PipelineError {
     Device(#[from] device::DeviceError),
     #[error("runtime.device: {0}")]
     DeviceSpec(String),
+    #[error("tta.eata.fisher_url: {0}")]
+    CleanImages(#[from] clean::CleanImagesError),
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("cannot start the {what}: {source}")]
@@ -296,6 +299,22 @@ pub async fn run(
         task: bundle.spec.task,
         labels: config.label.clone(),
     };
+    let clean_images = match (&config.tta.eata.fisher_url, config.tta.method) {
+        (Some(url), MethodName::Eata) if config.tta.eata.fisher_alpha != 0.0 && !plan.todo().is_empty() => {
+            let limits = (
+                ReadLimits {
+                    max_member_bytes: config.limits.max_member_bytes.0,
+                },
+                DecodeLimits {
+                    max_pixels: config.limits.max_pixels,
+                },
+            );
+            let store = store_options(&config);
+            let n = config.tta.eata.fisher_samples;
+            clean::read(url, n, &config.input, &views, limits, &store).await?
+        }
+        _ => Vec::new(),
+    };
     let stages = Stages {
         bundle: bundle.source.clone(),
         bundle_sha256: bundle.sha256.clone(),
@@ -312,8 +331,8 @@ pub async fn run(
                     space.as_ref(),
                     device,
                     &tta,
-                    seed,
-                    batch_size,
+                    (seed, batch_size),
+                    &clean_images,
                 )?)
             })
         },

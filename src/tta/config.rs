@@ -36,6 +36,8 @@ pub struct TtaConfig {
     /// Largest denoiser batch when fusing; bounds device memory.
     pub max_batch: usize,
     pub tent: TentConfig,
+    pub eata: EataConfig,
+    pub sar: SarConfig,
     pub diffusion_classifier: DiffusionClassifierConfig,
     /// Adaptive compute per image (episodic diffusion methods); all off by default.
     pub budget: BudgetConfig,
@@ -107,6 +109,8 @@ impl Default for TtaConfig {
             fuse_accum: true,
             max_batch: 64,
             tent: TentConfig::default(),
+            eata: EataConfig::default(),
+            sar: SarConfig::default(),
             diffusion_classifier: DiffusionClassifierConfig::default(),
             budget: BudgetConfig::default(),
             dusa: DusaConfig::default(),
@@ -128,6 +132,104 @@ impl Default for TentConfig {
             lr: 1e-3,
             momentum: 0.9,
         }
+    }
+}
+
+/// EATA (Niu et al., ICML 2022), online: entropy minimisation over the norm-layer
+/// affine parameters of the reliable (entropy below `e_margin` x ln C) and non-redundant
+/// samples, each weighted by 1/exp(E - E0), plus an anti-forgetting penalty
+/// `fisher_alpha` x sum F (theta - theta0)^2 with F from clean images.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EataConfig {
+    /// SGD learning rate (the authors': 2.5e-4 at batch 64).
+    pub lr: f64,
+    pub momentum: f64,
+    /// E0 as a fraction of ln C (C: the classes the model predicts over).
+    pub e_margin: f64,
+    /// A kept sample must have cosine similarity below this to the moving average of
+    /// the kept samples' probabilities (momentum 0.9); none is redundant in a stream's
+    /// first batch.
+    pub d_margin: f64,
+    /// Weight of the Fisher penalty; 0 is ETA (no clean images needed).
+    pub fisher_alpha: f64,
+    /// Clean images for the Fisher information, read as `[input]` reads (same format):
+    /// a shard, a folder of shards, or a pattern. Required when `fisher_alpha > 0`.
+    pub fisher_url: Option<String>,
+    /// How many of its images (the first ones, in shard order).
+    pub fisher_samples: usize,
+    /// Images per Fisher batch (the authors use the test batch size, 64).
+    pub fisher_batch: usize,
+}
+
+impl Default for EataConfig {
+    fn default() -> Self {
+        EataConfig {
+            lr: 2.5e-4,
+            momentum: 0.9,
+            e_margin: 0.4,
+            d_margin: 0.05,
+            fisher_alpha: 2000.0,
+            fisher_url: None,
+            fisher_samples: 2000,
+            fisher_batch: 64,
+        }
+    }
+}
+
+/// SAR (Niu et al., ICLR 2023), online: sharpness-aware (SAM) entropy minimisation of
+/// the reliable samples, over the norm-layer affine parameters outside `frozen`, with
+/// model recovery.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SarConfig {
+    /// SGD learning rate; unset, 2.5e-4 x runtime.batch_size / 64 (the authors' rule).
+    pub lr: Option<f64>,
+    pub momentum: f64,
+    /// SAM's neighbourhood radius.
+    pub rho: f64,
+    /// E0 as a fraction of ln C, applied on both passes.
+    pub e_margin: f64,
+    /// Reset weights and optimizer when the moving average (0.9) of the second pass's
+    /// loss falls below this.
+    pub reset_below: f64,
+    /// Module paths whose norm layers stay frozen (the last stage, as the authors
+    /// leave it): a parameter is frozen when its module path is one of these or lies
+    /// below one. The defaults are the authors' ResNet (`layer4`) and ViT-B
+    /// (`blocks.9` to `blocks.11`, the final `norm`) choices.
+    pub frozen: Vec<String>,
+}
+
+impl Default for SarConfig {
+    fn default() -> Self {
+        SarConfig {
+            lr: None,
+            momentum: 0.9,
+            rho: 0.05,
+            e_margin: 0.4,
+            reset_below: 0.2,
+            frozen: ["layer4", "blocks.9", "blocks.10", "blocks.11", "norm"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+impl SarConfig {
+    /// The learning rate at `batch_size`: `lr`, or the authors' 2.5e-4 x batch / 64.
+    pub fn lr_at(&self, batch_size: usize) -> f64 {
+        self.lr.unwrap_or(2.5e-4 * batch_size as f64 / 64.0)
+    }
+
+    /// Whether parameter `name` (`module.path.weight`) lies in a frozen module.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+        self.frozen.iter().any(|f| {
+            module == f
+                || module
+                    .strip_prefix(f.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
     }
 }
 
@@ -203,6 +305,8 @@ pub enum MethodName {
     #[default]
     Source,
     Tent,
+    Eata,
+    Sar,
     DiffusionClassifier,
     DiffusionTta,
     Dusa,
@@ -213,6 +317,8 @@ impl MethodName {
         match self {
             MethodName::Source => "source",
             MethodName::Tent => "tent",
+            MethodName::Eata => "eata",
+            MethodName::Sar => "sar",
             MethodName::DiffusionClassifier => "diffusion-classifier",
             MethodName::DiffusionTta => "diffusion-tta",
             MethodName::Dusa => "dusa",

@@ -20,8 +20,8 @@ use crate::image::{DenseLabel, Prepared};
 use crate::sample::{Defect, Status, Variant};
 pub use budget::{AfterUpdate, BudgetConfig, Gate, StepCost, StopReason};
 pub use config::{
-    Adapt, DiffusionClassifierConfig, DusaConfig, Loss, MethodName, Mode, OptimizerKind, Precision, TentConfig,
-    Timesteps, TtaConfig,
+    Adapt, DiffusionClassifierConfig, DusaConfig, EataConfig, Loss, MethodName, Mode, OptimizerKind, Precision,
+    SarConfig, TentConfig, Timesteps, TtaConfig,
 };
 pub use dense::{DenseMap, DenseRow};
 pub use methods::Method;

@@ -327,6 +327,7 @@ pub fn all_prediction_files(out: &Path) -> Vec<PathBuf> {
 }
 pub mod fault_proxy;
 pub mod records;
+pub mod reference;
 pub mod servers;
 
 /// The seed of one test's random choices: `DTTA_TEST_SEED` when set (decimal, or hex

@@ -69,7 +69,7 @@ const ALL_CORRUPTED: &str = "all corrupted";
 
 /// The `method` column values (see `TtaConfig::method_column`) of methods that adapt
 /// online: their `pred_before` is the live stream's, not the unadapted classifier's.
-const ONLINE_METHODS: [&str; 3] = ["tent", "diffusion-tta-online", "dusa-online"];
+const ONLINE_METHODS: [&str; 5] = ["tent", "eata", "sar", "diffusion-tta-online", "dusa-online"];
 
 /// Whether a series label (`method` or `method (output folder)`) names an online method.
 fn is_online(series: &str) -> bool {
@@ -513,6 +513,8 @@ mod tests {
         for method in [
             MethodName::Source,
             MethodName::Tent,
+            MethodName::Eata,
+            MethodName::Sar,
             MethodName::DiffusionClassifier,
             MethodName::DiffusionTta,
             MethodName::Dusa,
@@ -523,7 +525,7 @@ mod tests {
                     mode,
                     ..TtaConfig::default()
                 };
-                let online = method == MethodName::Tent
+                let online = matches!(method, MethodName::Tent | MethodName::Eata | MethodName::Sar)
                     || (mode == Mode::Online && matches!(method, MethodName::DiffusionTta | MethodName::Dusa));
                 let label = cfg.method_column();
                 assert_eq!(is_online(label), online, "{label}");

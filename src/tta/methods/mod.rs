@@ -4,12 +4,18 @@
 mod diffusion_classifier;
 mod diffusion_tta;
 mod dusa;
+mod eata;
+mod norm_online;
+mod sar;
 mod source;
 mod tent;
 
 pub use diffusion_classifier::DiffusionClassifier;
 pub use diffusion_tta::{Adapted, DiffusionTta, Knobs};
 pub use dusa::{Dusa, DusaBatch, DusaDraws, DusaImage, ReplayDraws, SeededDraws};
+pub use eata::{Eata, EataBatch};
+pub use norm_online::batch_of_one_warning;
+pub use sar::{Sar, SarBatch};
 pub use source::Source;
 pub use tent::Tent;
 
@@ -115,13 +121,15 @@ pub enum BuildError {
 ///
 /// With a label space, the models are restricted before the method sees them (so every
 /// method works over the kept classes only) and the method is wrapped in [`Restricted`].
+/// `clean_images` (preprocessed classifier views) feed EATA's Fisher information; the
+/// other methods ignore them.
 pub fn build(
     bundle: &Bundle,
     space: Option<&LabelSpace>,
     device: Device,
     tta: &TtaConfig,
-    seed: u64,
-    batch_size: usize,
+    (seed, batch_size): (u64, usize),
+    clean_images: &[Vec<f32>],
 ) -> Result<Box<dyn Method>, BuildError> {
     let unsupported = |source| BuildError::Unsupported {
         method: tta.method_column(),
@@ -131,12 +139,15 @@ pub fn build(
     let dense_ready = match tta.method {
         MethodName::Source | MethodName::DiffusionTta => true,
         MethodName::Tent | MethodName::Dusa => task != Task::Depth,
-        MethodName::DiffusionClassifier => false,
+        MethodName::DiffusionClassifier | MethodName::Eata | MethodName::Sar => false,
     };
     if task.is_dense() && !dense_ready {
         let why = match tta.method {
             MethodName::Tent => "it minimises class entropy, and a depth model has no classes",
             MethodName::Dusa => "it mixes class-conditional noise predictions, and a depth model has no classes",
+            MethodName::Eata | MethodName::Sar => {
+                "it filters (and weighs) whole images by their class entropy; dtta runs it on classifiers only"
+            }
             _ => "it scores one class per image and has no per-pixel form",
         };
         return Err(BuildError::Unsupported {
@@ -158,6 +169,10 @@ pub fn build(
     let method: Box<dyn Method> = match tta.method {
         MethodName::Source => Box::new(Source::new(classifier, batch_size, tta.topk)),
         MethodName::Tent => Box::new(Tent::new(classifier, &tta.tent, batch_size, tta.topk).map_err(unsupported)?),
+        MethodName::Eata => {
+            Box::new(Eata::new(classifier, &tta.eata, clean_images, batch_size, tta.topk).map_err(unsupported)?)
+        }
+        MethodName::Sar => Box::new(Sar::new(classifier, &tta.sar, batch_size, tta.topk).map_err(unsupported)?),
         MethodName::DiffusionClassifier => {
             let diffusion = load_diffusion()?;
             Box::new(DiffusionClassifier::new(
