@@ -10,6 +10,7 @@
 
 pub mod units;
 
+use crate::pipeline::protocol::ProtocolConfig;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -59,6 +60,10 @@ pub struct PipelineConfig {
     /// Robustness evaluation: expand every sample into corrupted variants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<CorruptConfig>,
+    /// The order an online method meets the variants in (`reset_each_shift`, the
+    /// default, is left out of the serialized config, so older digests still match).
+    #[serde(default, skip_serializing_if = "ProtocolConfig::is_default")]
+    pub protocol: ProtocolConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -298,6 +303,15 @@ impl PipelineConfig {
                     format!("{pin:?} is not a sha256 digest (64 hex digits, as `dtta inspect` prints)"),
                 ));
             }
+        }
+        if self.protocol.one_stream() && self.corrupt.is_none() {
+            return Err((
+                "protocol.kind",
+                format!(
+                    "{:?} orders the corrupted variants of each sample: it needs a [corrupt] section",
+                    self.protocol.name()
+                ),
+            ));
         }
         if self.model.class_subset.is_some() && self.model.label_map.is_some() {
             return Err((

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::event::{Control, Event};
 use crate::image::Prepared;
-use crate::sample::panic_message;
+use crate::sample::{panic_message, Variant};
 use crate::storage::Backoff;
 use crate::tta::{Method, Outcome};
 
@@ -49,7 +49,7 @@ pub(super) fn run(
     tx: mpsc::Sender<Event<Outcome>>,
     mut method: Box<dyn Method>,
     busy_us: &AtomicU64,
-    retries: u32,
+    (retries, one_stream): (u32, bool),
 ) {
     let max_batch = method.batch_size().max(1);
     // Shards failed here whose remaining items and End are still on their way.
@@ -80,11 +80,12 @@ pub(super) fn run(
         let mut shards = vec![shard];
         let variant = item.variant;
         let mut batch = vec![item];
-        // A batch is full unless a shard boundary, another variant or the end of input
-        // cuts it: TENT's batch statistics need the whole batch.
+        // A batch is full unless a control event, another variant (another stream) or
+        // the end of input cuts it: TENT's batch statistics need the whole batch. Under
+        // a stream protocol every variant is one stream, and a batch may mix them.
         while batch.len() < max_batch {
             match next(&mut held, &mut failed) {
-                Some(Event::Item { shard, item }) if item.variant == variant => {
+                Some(Event::Item { shard, item }) if one_stream || item.variant == variant => {
                     shards.push(shard);
                     batch.push(item);
                 }
@@ -95,12 +96,19 @@ pub(super) fn run(
                 None => break,
             }
         }
+        // The method keys its streams by variant: under a stream protocol it sees one.
+        let variants: Vec<Variant> = batch.iter().map(|p| p.variant).collect();
+        if one_stream {
+            batch.iter_mut().for_each(|p| p.variant = Variant::CLEAN);
+        }
         let t = Instant::now();
         let result = run_batch(method.as_mut(), &batch, retries);
         busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Ok(outcomes) => {
-                for ((shard, mut item), prepared) in shards.into_iter().zip(outcomes).zip(&batch) {
+                for (((shard, mut item), prepared), variant) in
+                    shards.into_iter().zip(outcomes).zip(&batch).zip(variants)
+                {
                     item.variant = variant;
                     item.dense_label = prepared.dense_label.clone();
                     if tx.blocking_send(Event::Item { shard, item }).is_err() {

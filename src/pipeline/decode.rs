@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::event::{Control, Event};
 use super::fetch::Budgeted;
+use super::protocol::ProtocolConfig;
 use crate::image::{DecodeLimits, Expansion, Prepared, Views};
-use crate::sample::{Defect, Sample};
+use crate::sample::{Defect, Sample, Variant};
 
 /// Turns one sample into its prepared variants ([`crate::image::prepare`] outside tests).
 pub(super) type PrepareFn = fn(Sample, &Views, DecodeLimits, bool, &Expansion) -> Vec<Prepared>;
@@ -29,20 +30,43 @@ pub(super) struct Decoder {
     pub require_label: bool,
     pub expansion: Expansion,
     pub prepare: PrepareFn,
+    pub stream: StreamOrder,
+}
+
+/// The order of a shard's items for the stream protocols (`[protocol]`).
+pub(super) struct StreamOrder {
+    pub protocol: ProtocolConfig,
+    /// The run seed (with the shard id, it orders `mixed`).
+    pub seed: u64,
 }
 
 impl Decoder {
     /// One item per variant, even when preparing panics (then each is a `decode_error`
     /// row that keeps the sample's key and label).
     fn prepare(&self, sample: Sample) -> Vec<Prepared> {
+        self.prepare_as(sample, &self.expansion)
+    }
+
+    /// One variant of a held sample (the stream protocols), panics caught as above.
+    fn prepare_variant(&self, sample: &Sample, variant: Variant) -> Prepared {
+        let one = Expansion {
+            variants: vec![variant],
+            seed: self.expansion.seed,
+        };
+        self.prepare_as(sample.clone(), &one)
+            .pop()
+            .expect("one item per variant")
+    }
+
+    fn prepare_as(&self, sample: Sample, expansion: &Expansion) -> Vec<Prepared> {
         let (key, label) = (sample.key.clone(), sample.label);
         let prepare = self.prepare;
         catch_unwind(AssertUnwindSafe(|| {
-            prepare(sample, &self.views, self.limits, self.require_label, &self.expansion)
+            prepare(sample, &self.views, self.limits, self.require_label, expansion)
         }))
         .unwrap_or_else(|panic| {
             let defect = Defect::from_panic("preparing the image", panic.as_ref());
-            self.expansion
+            expansion
                 .variants
                 .iter()
                 .map(|&variant| Prepared {
@@ -89,6 +113,9 @@ pub(super) async fn run(
     depth: usize,
     group: usize,
 ) {
+    if decoder.stream.protocol.one_stream() {
+        return run_stream(rx, tx, pool, Arc::new(decoder), depth).await;
+    }
     let decoder = Arc::new(decoder);
     let per_sample = decoder.expansion.variants.len() as u64;
     let mut ordered = stream_of(rx)
@@ -182,6 +209,78 @@ async fn emit_by_variant(
         }
     }
     true
+}
+
+/// The stream protocols: holds each shard's samples (encoded bytes, not decoded views)
+/// until its end, then prepares its (sample, variant) pairs in protocol order on the
+/// pool, `depth` at a time, and emits them in that order; End counts the pairs.
+///
+/// Hazard: a shard's encoded bytes stay in memory from its first sample to its end,
+/// outside the prefetch budget (the fetch stage reads one shard at a time for these
+/// protocols, so it is one shard's bytes).
+async fn run_stream(
+    rx: mpsc::Receiver<Event<Budgeted>>,
+    tx: mpsc::Sender<Event<Prepared>>,
+    pool: Arc<rayon::ThreadPool>,
+    decoder: Arc<Decoder>,
+    depth: usize,
+) {
+    let mut held: HashMap<Arc<str>, Vec<Arc<Sample>>> = HashMap::new();
+    let mut events = stream_of(rx);
+    while let Some(event) = events.next().await {
+        let c = match event {
+            Event::Item { shard, item } => {
+                held.entry(shard).or_default().push(Arc::new(item.sample));
+                continue;
+            }
+            Event::Control(c) => c,
+        };
+        let c = match c {
+            Control::End { shard, .. } => {
+                let samples = held.remove(&shard).unwrap_or_default();
+                let seed = super::protocol::shard_seed(decoder.stream.seed, &shard);
+                let order = decoder
+                    .stream
+                    .protocol
+                    .sequence(samples.len(), &decoder.expansion.variants, seed);
+                let rows = order.len() as u64;
+                let mut prepared = futures::stream::iter(order)
+                    .map(|(i, variant)| {
+                        let (sample, decoder) = (samples[i].clone(), decoder.clone());
+                        let (done_tx, done_rx) = oneshot::channel();
+                        pool.spawn(move || {
+                            let _ = done_tx.send(decoder.prepare_variant(&sample, variant));
+                        });
+                        done_rx
+                    })
+                    .buffered(depth);
+                while let Some(item) = prepared.next().await {
+                    // The job catches panics, so it always answers; a missing item
+                    // surfaces as a row-count error naming the shard.
+                    let Ok(item) = item else { continue };
+                    if tx
+                        .send(Event::Item {
+                            shard: shard.clone(),
+                            item,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Control::End { shard, samples: rows }
+            }
+            Control::Failed { shard, error } => {
+                held.remove(&shard);
+                Control::Failed { shard, error }
+            }
+            c @ Control::Begin(_) => c,
+        };
+        if tx.send(Event::Control(c)).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn stream_of<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send {

@@ -23,6 +23,7 @@ mod decode;
 mod event;
 mod fetch;
 mod progress;
+pub mod protocol;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -192,7 +193,7 @@ pub struct RunReport {
     pub elapsed_s: f64,
     pub worker: Worker,
     pub device: String,
-    pub method: &'static str,
+    pub method: String,
     pub bundle: String,
     /// The bundle's digest, also on every row and commit marker (README, "Provenance").
     pub bundle_sha256: String,
@@ -401,6 +402,17 @@ struct Stages {
     method: MethodFactory,
 }
 
+/// The `method` column and summary label: [`TtaConfig::method_column`](crate::tta::TtaConfig::method_column),
+/// with `-continual`, `-gradual` or `-mixed` under a stream protocol, so a table over
+/// several outputs shows each protocol as its own column.
+pub fn method_label(config: &PipelineConfig) -> String {
+    let method = config.tta.method_column();
+    match config.protocol.one_stream() {
+        true => format!("{method}-{}", config.protocol.name()),
+        false => method.to_string(),
+    }
+}
+
 /// Runs the stages over the plan's uncommitted shards and writes the run summary.
 async fn execute(
     config: PipelineConfig,
@@ -423,7 +435,7 @@ async fn execute(
         plan.shards.len() - todo.len(),
         todo.len()
     );
-    let method_name = config.tta.method_column();
+    let method_name = method_label(&config);
     let mut report = RunReport {
         run_id: run_id.clone(),
         dtta_version: env!("CARGO_PKG_VERSION"),
@@ -432,7 +444,7 @@ async fn execute(
         elapsed_s: 0.0,
         worker,
         device: stages.device,
-        method: method_name,
+        method: method_name.clone(),
         bundle: stages.bundle,
         bundle_sha256: stages.bundle_sha256.clone(),
         input: storage::redact_url(&config.input.url),
@@ -483,6 +495,7 @@ async fn execute(
         let busy = adapt_busy.clone();
         let make_method = stages.method;
         let retries = config.runtime.shard_retries;
+        let one_stream = config.protocol.one_stream();
         std::thread::Builder::new()
             .name("dtta-adapt".into())
             .spawn(move || {
@@ -494,7 +507,7 @@ async fn execute(
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                adapt::run(prepared_rx, outcomes_tx, method, &busy, retries)
+                adapt::run(prepared_rx, outcomes_tx, method, &busy, (retries, one_stream))
             })
             .map_err(|source| PipelineError::Start {
                 what: "adapt thread",
@@ -512,7 +525,12 @@ async fn execute(
                 max_member_bytes: config.limits.max_member_bytes.0,
             },
             prefetch_bytes: config.runtime.prefetch_bytes.0,
-            shards_in_flight: config.runtime.shards_in_flight,
+            // The stream protocols' order is the plan's: one shard at a time.
+            shards_in_flight: if config.protocol.one_stream() {
+                1
+            } else {
+                config.runtime.shards_in_flight
+            },
             shard_retries: config.runtime.shard_retries,
         },
         samples_tx,
@@ -540,6 +558,10 @@ async fn execute(
             require_label: config.input.require_label,
             expansion,
             prepare: stages.prepare,
+            stream: decode::StreamOrder {
+                protocol: config.protocol.clone(),
+                seed: config.runtime.seed,
+            },
         },
         decode_threads * 4,
         batch_size,

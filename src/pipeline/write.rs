@@ -27,7 +27,7 @@ pub(super) struct WriteStage {
     pub by_variant: bool,
     pub output: Location,
     pub run_id: String,
-    pub method: &'static str,
+    pub method: String,
     /// The model bundle's digest, on every row and commit marker.
     pub bundle_sha256: String,
     /// The predictions table's columns (dense tasks add theirs).
@@ -57,7 +57,7 @@ impl WriteStage {
                             &self.output,
                             &self.run_id,
                             &shard,
-                            self.method,
+                            &self.method,
                             &self.bundle_sha256,
                             self.layout,
                             self.by_variant,

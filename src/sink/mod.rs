@@ -258,7 +258,7 @@ impl TableWriter {
 pub struct ShardWriter {
     shard: String,
     run_id: String,
-    method: &'static str,
+    method: String,
     /// The model bundle's digest, written on every row.
     bundle_sha256: String,
     /// Which columns the predictions table has (dense tasks add theirs).
@@ -281,7 +281,7 @@ impl ShardWriter {
         out: &Location,
         run_id: &str,
         shard: &str,
-        method: &'static str,
+        method: &str,
         bundle_sha256: &str,
         layout: predictions::Layout,
         by_variant: bool,
@@ -290,7 +290,7 @@ impl ShardWriter {
         Ok(ShardWriter {
             shard: shard.to_string(),
             run_id: run_id.to_string(),
-            method,
+            method: method.to_string(),
             bundle_sha256: bundle_sha256.to_string(),
             layout,
             predictions: TableWriter::create(out, &rel("predictions"), predictions::schema(&layout))?,
@@ -328,7 +328,7 @@ impl ShardWriter {
                 &self.layout,
                 &self.run_id,
                 &self.shard,
-                self.method,
+                &self.method,
                 &self.bundle_sha256,
                 &rows,
             ))

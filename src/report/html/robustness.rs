@@ -73,7 +73,12 @@ const ONLINE_METHODS: [&str; 5] = ["tent", "eata", "sar", "diffusion-tta-online"
 
 /// Whether a series label (`method` or `method (output folder)`) names an online method.
 fn is_online(series: &str) -> bool {
-    let method = series.split(" (").next().unwrap_or(series);
+    let label = series.split(" (").next().unwrap_or(series);
+    // A stream protocol's suffix (`tent-continual`) leaves the method as it was.
+    let method = ["-continual", "-gradual", "-mixed"]
+        .iter()
+        .find_map(|suffix| label.strip_suffix(suffix))
+        .unwrap_or(label);
     ONLINE_METHODS.contains(&method)
 }
 
@@ -530,6 +535,7 @@ mod tests {
                 let label = cfg.method_column();
                 assert_eq!(is_online(label), online, "{label}");
                 assert_eq!(is_online(&format!("{label} (run-b)")), online, "{label}");
+                assert_eq!(is_online(&format!("{label}-continual (run-b)")), online, "{label}");
             }
         }
     }
