@@ -28,6 +28,9 @@ pub struct Facts {
 pub struct RunLine {
     pub run_id: String,
     pub output: String,
+    /// The `[protocol]` the run streamed its variants in (`reset_each_shift` where the
+    /// config has none).
+    pub protocol: String,
     pub method: String,
     pub bundle: String,
     /// The bundle's content digest, where the run summary records one.
@@ -52,6 +55,10 @@ pub fn compute(c: &Committed) -> Facts {
         .map(|(output, r)| RunLine {
             run_id: r.run_id.clone(),
             output: output.clone(),
+            protocol: r.config["protocol"]["kind"]
+                .as_str()
+                .unwrap_or("reset_each_shift")
+                .to_string(),
             method: r.method.clone(),
             bundle: r.bundle.clone(),
             bundle_sha256: r.bundle_sha256.clone(),
@@ -101,7 +108,7 @@ pub fn render(f: &Facts) -> String {
         esc(&f.last_finished.as_deref().map_or("n/a".into(), to_second)),
     );
     h.push_str(
-        "<div class=\"wide\"><table><thead><tr><th>run</th><th>method</th><th>output</th><th>bundle</th><th>bundle sha256</th>\
+        "<div class=\"wide\"><table><thead><tr><th>run</th><th>method</th><th>protocol</th><th>output</th><th>bundle</th><th>bundle sha256</th>\
          <th>config sha256</th><th>device</th><th class=\"num\">rows</th><th class=\"num\">shards</th>\
          <th>started (UTC)</th><th class=\"num\">seconds</th></tr></thead><tbody>",
     );
@@ -109,11 +116,12 @@ pub fn render(f: &Facts) -> String {
         let short = |d: &str| esc(&d.chars().take(12).collect::<String>());
         let _ = write!(
             h,
-            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td>\
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td>\
              <td><code title=\"{}\">{}</code></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
              <td title=\"{}\">{}</td><td class=\"num\">{:.1}</td></tr>",
             esc(&r.run_id),
             esc(&r.method),
+            esc(&r.protocol),
             esc(&r.output),
             esc(&r.bundle),
             esc(r.bundle_sha256.as_deref().unwrap_or("")),
