@@ -10,7 +10,7 @@
 
 pub mod units;
 
-use crate::pipeline::protocol::ProtocolConfig;
+use crate::image::protocol::ProtocolConfig;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;

@@ -7,6 +7,7 @@ pub mod corrupt;
 pub mod decode;
 pub mod dense;
 pub mod preprocess;
+pub mod protocol;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;

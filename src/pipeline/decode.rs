@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::event::{Control, Event};
 use super::fetch::Budgeted;
-use super::protocol::ProtocolConfig;
+use crate::image::protocol::{self, ProtocolConfig};
 use crate::image::{DecodeLimits, Expansion, Prepared, Views};
 use crate::sample::{Defect, Sample, Variant};
 
@@ -238,7 +238,7 @@ async fn run_stream(
         let c = match c {
             Control::End { shard, .. } => {
                 let samples = held.remove(&shard).unwrap_or_default();
-                let seed = super::protocol::shard_seed(decoder.stream.seed, &shard);
+                let seed = protocol::shard_seed(decoder.stream.seed, &shard);
                 let order = decoder
                     .stream
                     .protocol

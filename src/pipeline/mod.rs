@@ -23,7 +23,6 @@ mod decode;
 mod event;
 mod fetch;
 mod progress;
-pub mod protocol;
 #[cfg(test)]
 mod tests;
 mod write;

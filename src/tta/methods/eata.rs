@@ -1,13 +1,10 @@
 //! `eata`: efficient anti-forgetting test-time adaptation (Niu et al., ICML 2022), as the
 //! authors' eata.py does it; `fisher_alpha = 0` is ETA.
 
-use std::collections::HashMap;
-use std::time::Instant;
-
 use tch::{Kind, Tensor};
 
 use super::norm_online::{mask, softmax_entropy, NormOnline};
-use super::{assemble, predicted_images, Method};
+use super::Method;
 use crate::image::Prepared;
 use crate::model::Classifier;
 use crate::sample::Variant;
@@ -29,13 +26,10 @@ const PROBS_MOMENTUM: f64 = 0.9;
 ///
 /// `pred_after` is the train-mode prediction before the update (the authors' output).
 pub struct Eata {
+    /// The weights, streams and undo; each stream's extra state is its moving average
+    /// of kept probabilities `[C]` (absent until it keeps its first sample).
     state: NormOnline,
     cfg: EataConfig,
-    /// Per stream: the moving average of kept probabilities `[C]` (absent until a
-    /// stream keeps its first sample).
-    probs: HashMap<Variant, Tensor>,
-    /// The live stream's average before the batch in progress, for `recover`.
-    rollback_probs: Option<Option<Tensor>>,
     /// Per adapted tensor: (Fisher information, source value); None for ETA.
     fisher: Option<Vec<(Tensor, Tensor)>>,
 }
@@ -84,8 +78,6 @@ impl Eata {
         Ok(Eata {
             state,
             cfg: cfg.clone(),
-            probs: HashMap::new(),
-            rollback_probs: None,
             fisher,
         })
     }
@@ -97,77 +89,69 @@ impl Eata {
 
     /// One EATA batch of `variant`'s stream (no rows; the parity test's entry point).
     pub fn adapt_batch(&mut self, images: &[&[f32]], variant: Variant) -> Result<EataBatch, tch::TchError> {
-        self.begin(variant);
-        let x = self.state.classifier.batch_from(images);
-        self.state.classifier.set_train();
-        let r = self.adapt(&x, variant);
-        self.state.classifier.set_eval();
-        r
+        let (cfg, fisher) = (&self.cfg, self.fisher.as_deref());
+        self.state
+            .adapt_images(images, variant, |s, x| adapt(s, cfg, fisher, x))
     }
+}
 
-    fn begin(&mut self, variant: Variant) {
-        self.state.begin(variant);
-        self.rollback_probs = Some(self.probs.get(&variant).map(Tensor::copy));
+/// The adaptation pass on `x` (classifier in train mode) of the live stream.
+fn adapt(
+    s: &mut NormOnline,
+    cfg: &EataConfig,
+    fisher: Option<&[(Tensor, Tensor)]>,
+    x: &Tensor,
+) -> Result<EataBatch, tch::TchError> {
+    let logits = s.classifier.logits(x)?;
+    let classes = logits.size()[1];
+    let e0 = cfg.e_margin * (classes as f64).ln();
+    let entropy = softmax_entropy(&logits);
+    let ids1 = entropy.f_lt(e0)?.nonzero().squeeze_dim(1);
+    let probs1 = tch::no_grad(|| logits.index_select(0, &ids1).softmax(-1, Kind::Float));
+    let (ids2, average) = match s.extra() {
+        Some(average) => {
+            let cos = Tensor::cosine_similarity(&average.unsqueeze(0), &probs1, 1, 1e-8);
+            let ids2 = cos.abs().f_lt(cfg.d_margin)?.nonzero().squeeze_dim(1);
+            let kept = probs1.index_select(0, &ids2);
+            let moved = if kept.size()[0] == 0 {
+                average.copy()
+            } else {
+                average * PROBS_MOMENTUM + kept.mean_dim(0, false, Kind::Float) * (1.0 - PROBS_MOMENTUM)
+            };
+            (ids2, Some(moved))
+        }
+        None => {
+            let all = Tensor::arange(ids1.size()[0], (Kind::Int64, logits.device()));
+            let first = (probs1.size()[0] > 0).then(|| probs1.mean_dim(0, false, Kind::Float));
+            (all, first)
+        }
+    };
+    let kept_ids = ids1.index_select(0, &ids2);
+    let kept_entropy = entropy.index_select(0, &kept_ids);
+    let weight = (kept_entropy.detach() - e0).exp().reciprocal();
+    let mut loss = (&kept_entropy * weight).mean(Kind::Float);
+    for (p, (f, source)) in s.params.tensors.iter().zip(fisher.unwrap_or_default()) {
+        let d = p - source;
+        loss = loss + (f * &d * &d).sum(Kind::Float) * cfg.fisher_alpha;
     }
-
-    /// The adaptation pass on `x` (classifier in train mode).
-    fn adapt(&mut self, x: &Tensor, variant: Variant) -> Result<EataBatch, tch::TchError> {
-        let s = &mut self.state;
-        let logits = s.classifier.logits(x)?;
-        let classes = logits.size()[1];
-        let e0 = self.cfg.e_margin * (classes as f64).ln();
-        let entropy = softmax_entropy(&logits);
-        let reliable = entropy.f_lt(e0)?;
-        let ids1 = reliable.nonzero().squeeze_dim(1);
-        let probs1 = tch::no_grad(|| logits.index_select(0, &ids1).softmax(-1, Kind::Float));
-        let (ids2, average) = match self.probs.get(&variant) {
-            Some(average) => {
-                let cos = Tensor::cosine_similarity(&average.unsqueeze(0), &probs1, 1, 1e-8);
-                let ids2 = cos.abs().f_lt(self.cfg.d_margin)?.nonzero().squeeze_dim(1);
-                let kept = probs1.index_select(0, &ids2);
-                let moved = if kept.size()[0] == 0 {
-                    average.copy()
-                } else {
-                    average * PROBS_MOMENTUM + kept.mean_dim(0, false, Kind::Float) * (1.0 - PROBS_MOMENTUM)
-                };
-                (ids2, Some(moved))
-            }
-            None => {
-                let all = Tensor::arange(ids1.size()[0], (Kind::Int64, logits.device()));
-                let first = (probs1.size()[0] > 0).then(|| probs1.mean_dim(0, false, Kind::Float));
-                (all, first)
-            }
-        };
-        let kept_ids = ids1.index_select(0, &ids2);
-        let kept_entropy = entropy.index_select(0, &kept_ids);
-        let weight = (kept_entropy.detach() - e0).exp().reciprocal();
-        let mut loss = (&kept_entropy * weight).mean(Kind::Float);
-        if let Some(fisher) = &self.fisher {
-            for (p, (f, source)) in s.params.tensors.iter().zip(fisher) {
-                let d = p - source;
-                loss = loss + (f * &d * &d).sum(Kind::Float) * self.cfg.fisher_alpha;
-            }
-        }
-        let any_kept = kept_ids.size()[0] > 0;
-        let mut loss_value = None;
-        if any_kept {
-            loss.f_backward()?;
-            s.optimizer.step(&s.params.tensors)?;
-            loss_value = Some(loss.detach().double_value(&[]) as f32);
-            s.params.zero_grad();
-            s.fault.after_update()?;
-        }
-        if let Some(average) = average {
-            self.probs.insert(variant, average);
-        }
-        let n = logits.size()[0];
-        Ok(EataBatch {
-            reliable: mask(&ids1, n)?,
-            kept: mask(&kept_ids, n)?,
-            logits: logits.detach(),
-            loss: loss_value,
-        })
+    let mut loss_value = None;
+    if kept_ids.size()[0] > 0 {
+        loss.f_backward()?;
+        s.optimizer.step(&s.params.tensors)?;
+        loss_value = Some(loss.detach().double_value(&[]) as f32);
+        s.params.zero_grad();
+        s.fault.after_update()?;
     }
+    if let Some(average) = average {
+        s.set_extra(average);
+    }
+    let n = logits.size()[0];
+    Ok(EataBatch {
+        reliable: mask(&ids1, n)?,
+        kept: mask(&kept_ids, n)?,
+        logits: logits.detach(),
+        loss: loss_value,
+    })
 }
 
 /// (F, theta0) per adapted tensor: the mean over batches of the squared gradient of the
@@ -220,29 +204,12 @@ impl Method for Eata {
     }
 
     fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
-        let started = Instant::now();
-        let images = predicted_images(batch);
-        if images.is_empty() {
-            return Ok(assemble(batch, Vec::new(), Vec::new(), 0.0));
-        }
-        let variant = batch[0].variant;
-        self.begin(variant);
-        let x = self.state.classifier.batch_from(&images);
-        let source = self.state.eval_then_train(&x)?;
-        let r = self.adapt(&x, variant)?;
-        self.rollback_probs = None;
-        self.state.end(batch, &source, &r.logits, started)
+        let (cfg, fisher) = (&self.cfg, self.fisher.as_deref());
+        self.state.run(batch, |s, x| Ok(adapt(s, cfg, fisher, x)?.logits))
     }
 
-    /// [`NormOnline::recover`], and the stream's probability average as before the batch.
+    /// [`NormOnline::recover`]: the stream's probability average goes back too.
     fn recover(&mut self) {
         self.state.recover();
-        if let Some(saved) = self.rollback_probs.take() {
-            let live = self.state.live();
-            match saved {
-                Some(average) => self.probs.insert(live, average),
-                None => self.probs.remove(&live),
-            };
-        }
     }
 }

@@ -2,11 +2,12 @@
 //! parameters adapted batch by batch on train-mode predictions, one stream per variant,
 //! the eval-mode `pred_before`, the rows of a batch, and undoing a failed batch whole.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{assemble, assemble_dense, InjectedFault};
+use super::{assemble, assemble_dense, predicted_images, InjectedFault};
 use crate::image::Prepared;
 use crate::model::Classifier;
 use crate::sample::Variant;
@@ -62,9 +63,21 @@ pub struct NormOnline {
     topk: usize,
     /// The module's buffers (aliases of the live running statistics).
     buffers: Vec<Tensor>,
+    /// Per stream: the method's own state beside the weights (EATA's probability
+    /// average, SAR's loss average), absent until the method sets it.
+    extra: HashMap<Variant, Tensor>,
     /// The state before the batch in progress (None between batches).
-    rollback: Option<(Vec<Tensor>, OptimizerState, Vec<Tensor>)>,
+    rollback: Option<Rollback>,
     pub fault: InjectedFault,
+}
+
+/// What a failed batch puts back: weights, optimizer state, running statistics, and the
+/// live stream's extra state.
+struct Rollback {
+    params: Vec<Tensor>,
+    optimizer: OptimizerState,
+    buffers: Vec<Tensor>,
+    extra: Option<Tensor>,
 }
 
 impl NormOnline {
@@ -102,6 +115,7 @@ impl NormOnline {
         }
         Ok(NormOnline {
             buffers,
+            extra: HashMap::new(),
             rollback: None,
             fault: InjectedFault::from_env(),
             classifier,
@@ -122,16 +136,41 @@ impl NormOnline {
     pub fn begin(&mut self, variant: Variant) {
         self.streams
             .switch(variant, &self.params, &mut self.optimizer, &self.originals);
-        self.rollback = Some((
-            self.params.snapshot(),
-            self.optimizer.snapshot(),
-            self.buffers_snapshot(),
-        ));
+        self.rollback = Some(Rollback {
+            params: self.params.snapshot(),
+            optimizer: self.optimizer.snapshot(),
+            buffers: self.buffers_snapshot(),
+            extra: self.extra.get(&variant).map(Tensor::copy),
+        });
     }
 
-    /// The stream whose state is live.
-    pub fn live(&self) -> Variant {
-        self.streams.live()
+    /// The live stream's extra state, if the method set one.
+    pub fn extra(&self) -> Option<&Tensor> {
+        self.extra.get(&self.streams.live())
+    }
+
+    pub fn set_extra(&mut self, value: Tensor) {
+        self.extra.insert(self.streams.live(), value);
+    }
+
+    /// One online batch: the live stream becomes `batch`'s variant (the adapt stage
+    /// never mixes streams in a batch), `pred_before` in eval mode, then `adapt` on the
+    /// device batch in train mode, which returns the logits `pred_after` reads.
+    pub fn run(
+        &mut self,
+        batch: &[Prepared],
+        adapt: impl FnOnce(&mut Self, &Tensor) -> Result<Tensor, tch::TchError>,
+    ) -> Result<Vec<Outcome>, tch::TchError> {
+        let started = Instant::now();
+        let images = predicted_images(batch);
+        if images.is_empty() {
+            return Ok(assemble(batch, Vec::new(), Vec::new(), 0.0));
+        }
+        self.begin(batch[0].variant);
+        let x = self.classifier.batch_from(&images);
+        let source = self.eval_then_train(&x)?;
+        let adapted = adapt(self, &x)?;
+        self.end(batch, &source, &adapted, started)
     }
 
     /// Eval-mode logits (running statistics), no gradient: the `pred_before` view.
@@ -141,6 +180,23 @@ impl NormOnline {
         let logits = tch::no_grad(|| self.classifier.logits(x));
         self.classifier.set_train();
         logits
+    }
+
+    /// One batch of `variant`'s stream through `adapt` (train mode), without rows: the
+    /// parity tests' entry point.
+    pub fn adapt_images<T>(
+        &mut self,
+        images: &[&[f32]],
+        variant: Variant,
+        adapt: impl FnOnce(&mut Self, &Tensor) -> Result<T, tch::TchError>,
+    ) -> Result<T, tch::TchError> {
+        self.begin(variant);
+        let x = self.classifier.batch_from(images);
+        self.classifier.set_train();
+        let result = adapt(self, &x);
+        self.classifier.set_eval();
+        self.rollback = None;
+        result
     }
 
     /// The live stream back to the source weights and a fresh optimizer (SAR's recovery).
@@ -206,10 +262,15 @@ impl NormOnline {
     pub fn recover(&mut self) {
         self.params.zero_grad();
         self.classifier.set_eval();
-        if let Some((params, state, buffers)) = self.rollback.take() {
-            self.params.restore(&params);
-            self.optimizer.restore(state);
-            self.restore_buffers(&buffers);
+        if let Some(saved) = self.rollback.take() {
+            self.params.restore(&saved.params);
+            self.optimizer.restore(saved.optimizer);
+            self.restore_buffers(&saved.buffers);
+            let live = self.streams.live();
+            match saved.extra {
+                Some(extra) => self.extra.insert(live, extra),
+                None => self.extra.remove(&live),
+            };
         }
     }
 }

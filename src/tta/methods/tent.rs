@@ -1,12 +1,10 @@
 //! `tent`: online entropy minimisation over the norm layers' affine parameters
 //! (Wang et al., ICLR 2021); for segmenters, of the per-pixel entropy's mean.
 
-use std::time::Instant;
-
 use tch::Kind;
 
 use super::norm_online::NormOnline;
-use super::{assemble, predicted_images, Method};
+use super::Method;
 use crate::image::Prepared;
 use crate::model::Classifier;
 use crate::tta::{Outcome, TentConfig};
@@ -37,27 +35,20 @@ impl Method for Tent {
     }
 
     fn run(&mut self, batch: &[Prepared]) -> Result<Vec<Outcome>, tch::TchError> {
-        let started = Instant::now();
-        let images = predicted_images(batch);
-        if images.is_empty() {
-            return Ok(assemble(batch, Vec::new(), Vec::new(), 0.0));
-        }
-        // The adapt stage never mixes variants in a batch.
-        let s = &mut self.state;
-        s.begin(batch[0].variant);
-        let x = s.classifier.batch_from(&images);
-        let source = s.eval_then_train(&x)?;
-        let logits = s.classifier.logits(&x)?;
-        // Classes are the last dimension of [B,K], the second of a segmenter's [B,K,h,w];
-        // a segmenter's entropy is the mean over its output pixels.
-        let class_dim = if s.classifier.task.is_dense() { 1 } else { -1 };
-        let p = logits.softmax(class_dim, Kind::Float);
-        let entropy = -(&p * logits.log_softmax(class_dim, Kind::Float)).sum_dim_intlist(class_dim, false, Kind::Float);
-        entropy.mean(Kind::Float).f_backward()?;
-        s.optimizer.step(&s.params.tensors)?;
-        s.params.zero_grad();
-        s.fault.after_update()?;
-        s.end(batch, &source, &logits, started)
+        self.state.run(batch, |s, x| {
+            let logits = s.classifier.logits(x)?;
+            // Classes are the last dimension of [B,K], the second of a segmenter's
+            // [B,K,h,w]; a segmenter's entropy is the mean over its output pixels.
+            let class_dim = if s.classifier.task.is_dense() { 1 } else { -1 };
+            let p = logits.softmax(class_dim, Kind::Float);
+            let entropy =
+                -(&p * logits.log_softmax(class_dim, Kind::Float)).sum_dim_intlist(class_dim, false, Kind::Float);
+            entropy.mean(Kind::Float).f_backward()?;
+            s.optimizer.step(&s.params.tensors)?;
+            s.params.zero_grad();
+            s.fault.after_update()?;
+            Ok(logits)
+        })
     }
 
     fn recover(&mut self) {
