@@ -23,6 +23,23 @@ const E_MARGIN: &str = "0.985";
 const D_MARGIN: &str = "0.98";
 const LR: &str = "0.05";
 
+/// `tools/reference_tta.py --method METHOD` over 4 batches of 8 at the test's lr and E0.
+fn reference(bundle_dir: &Path, method: &str, extra: &[&str]) -> HashMap<String, Tensor> {
+    let common = [
+        "--method",
+        method,
+        "--batch",
+        "8",
+        "--batches",
+        "4",
+        "--lr",
+        LR,
+        "--e-margin",
+        E_MARGIN,
+    ];
+    run_reference(bundle_dir, &[&common[..], extra].concat())
+}
+
 fn images(reference: &HashMap<String, Tensor>, name: &str) -> Vec<Vec<f32>> {
     let t = &reference[name];
     (0..t.size()[0]).map(|i| floats(&t.get(i))).collect()
@@ -66,19 +83,10 @@ fn source_weights(bundle: &Path, names: &[String]) -> Vec<Tensor> {
 }
 
 fn check_eata(bundle_dir: &Path, fisher_alpha: &str) {
-    let reference = run_reference(
+    let reference = reference(
         bundle_dir,
+        "eata",
         &[
-            "--method",
-            "eata",
-            "--batch",
-            "8",
-            "--batches",
-            "4",
-            "--lr",
-            LR,
-            "--e-margin",
-            E_MARGIN,
             "--d-margin",
             D_MARGIN,
             "--fisher-alpha",
@@ -89,6 +97,7 @@ fn check_eata(bundle_dir: &Path, fisher_alpha: &str) {
             "8",
         ],
     );
+
     let cfg = EataConfig {
         lr: LR.parse().unwrap(),
         e_margin: E_MARGIN.parse().unwrap(),
@@ -142,23 +151,8 @@ fn eata_matches_the_authors_filters_weights_and_fisher_penalty_and_eta_without_i
 
 /// One SAR parity run with `reset_below`; returns how many batches recovered.
 fn check_sar(bundle_dir: &Path, reset_below: &str) -> usize {
-    let reference = run_reference(
-        bundle_dir,
-        &[
-            "--method",
-            "sar",
-            "--batch",
-            "8",
-            "--batches",
-            "4",
-            "--lr",
-            LR,
-            "--e-margin",
-            E_MARGIN,
-            "--reset-below",
-            reset_below,
-        ],
-    );
+    let reference = reference(bundle_dir, "sar", &["--reset-below", reset_below]);
+
     let cfg = SarConfig {
         lr: Some(LR.parse().unwrap()),
         e_margin: E_MARGIN.parse().unwrap(),
