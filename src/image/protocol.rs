@@ -3,8 +3,10 @@
 //!
 //! - `reset_each_shift` (default): each variant is its own stream from the source
 //!   weights (one stream per corruption and severity), as dtta always did.
-//! - `continual`: one stream through the variants in config order (`[corrupt] kinds`,
-//!   then `severities`; `clean` first when on), never reset, with no signal at a change.
+//! - `continual`: one stream, never reset, with no signal at a change: each shard's
+//!   samples through the variants in config order (`[corrupt] kinds`, then
+//!   `severities`; `clean` first when on), then the next shard's. With the evaluation
+//!   set in one shard this is the benchmark's order; across shards it is shard-major.
 //! - `gradual`: per corruption, the severities up and back down (`[1,2,3,4,5]` gives
 //!   1,2,3,4,5,4,3,2,1); a shard's samples are split into that many contiguous runs, run
 //!   k at the k-th severity, so each sample appears once per corruption.
