@@ -171,8 +171,7 @@ def main():
     # Dense bundles (task segmentation/depth, condition concat): the condition is a map.
     args.dense = dense_condition(spec) if spec.get("task", "classification") != "classification" else None
     sched = diff["schedule"]
-    betas = torch.linspace(sched["beta_start"], sched["beta_end"], sched["steps"], dtype=torch.float64)
-    abar = torch.cumprod(1 - betas, 0).float()
+    abar = alphas_cumprod(sched, "cpu")  # linear (DiT) or scaled_linear (Stable Diffusion)
 
     pre = cls_spec["preprocess"]
     x_cls = torch.randn(1, pre["channels"], pre["crop"], pre["crop"])

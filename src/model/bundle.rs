@@ -67,9 +67,14 @@ pub struct BundleSpec {
     /// (logits `[B,K,h,w]`) or `depth` (`[B,1,h,w]`, metres).
     #[serde(default)]
     pub task: Task,
-    /// One name per class, optional.
+    /// One name per class, optional. For an open-vocabulary bundle (tools/export_clip_sd.py)
+    /// this is the vocabulary: the head and the class embeddings were made from it.
     #[serde(default)]
     pub class_names: Vec<String>,
+    /// The prompt templates (`a photo of a {}.`) the vocabulary was turned into text
+    /// with; empty for a closed-set bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_templates: Vec<String>,
     pub classifier: ClassifierSpec,
     /// The diffusion model; needed by diffusion-tta and diffusion-classifier.
     #[serde(default)]

@@ -205,6 +205,14 @@ pub fn write_inspection(w: &mut impl Write, i: &Inspection) -> io::Result<()> {
             d.schedule.steps
         )?;
     }
+    if !spec.prompt_templates.is_empty() {
+        writeln!(
+            w,
+            "  vocabulary:  {} class names as text, template(s) {:?} (tools/export_clip_sd.py)",
+            spec.class_names.len(),
+            spec.prompt_templates
+        )?;
+    }
     if spec.class_names.is_empty() {
         writeln!(w, "  classes:     {} (unnamed)", c.num_classes)
     } else {
