@@ -244,9 +244,11 @@ fn run_three(dir: &Path, out: &Path, env: &[(&str, &str)]) -> Output {
         .unwrap()
 }
 
-fn killed(o: &Output) -> bool {
+/// `run_three` with `DTTA_ABORT_AT=point`: the process must die of the abort there.
+fn run_aborted_at(dir: &Path, out: &Path, point: &str) {
     use std::os::unix::process::ExitStatusExt;
-    o.status.signal() == Some(libc::SIGABRT)
+    let o = run_three(dir, out, &[("DTTA_ABORT_AT", point)]);
+    assert_eq!(o.status.signal(), Some(libc::SIGABRT), "{}", text(&o));
 }
 
 /// Every shard once in both tables, each shard's steps and predictions from one run.
@@ -271,8 +273,7 @@ fn check_complete(out: &Path) {
 fn a_kill_after_the_files_and_before_the_commits_shows_nothing_and_vacuum_removes_the_files() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = run_three(tmp.path(), &out, &[("DTTA_ABORT_AT", "files:2")]);
-    assert!(killed(&o), "{}", text(&o));
+    run_aborted_at(tmp.path(), &out, "files:2");
     // The second shard's files exist; no snapshot references them.
     assert_eq!(all_prediction_files(&out).len(), 2);
     assert_eq!(committed_markers_of(&out, "predictions").len(), 1);
@@ -315,8 +316,7 @@ fn a_kill_after_the_files_and_before_the_commits_shows_nothing_and_vacuum_remove
 fn a_kill_between_the_two_commits_is_completed_by_the_next_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = run_three(tmp.path(), &out, &[("DTTA_ABORT_AT", "steps:2")]);
-    assert!(killed(&o), "{}", text(&o));
+    run_aborted_at(tmp.path(), &out, "steps:2");
     // Steps holds the second shard, predictions (the table of record) does not yet.
     assert_eq!(committed_markers_of(&out, "steps").len(), 2);
     let predictions = committed_markers_of(&out, "predictions");
