@@ -21,6 +21,11 @@ pub struct Backoff {
     pub max: Duration,
     /// Tries after the first one.
     pub retries: u32,
+    /// Whether a retry is part of normal operation (a commit that lost its version to
+    /// another writer: with many workers on one table, most commits lose a race or two).
+    /// Routine retries are logged at debug level; the others at warn, since they mean the
+    /// store or the network is in trouble.
+    pub routine: bool,
 }
 
 impl Backoff {
@@ -29,6 +34,7 @@ impl Backoff {
         first: Duration::from_millis(200),
         max: Duration::from_secs(5),
         retries: 4,
+        routine: false,
     };
 
     /// Creating a Delta commit file (not idempotent, so the store client does not retry it).
@@ -36,6 +42,7 @@ impl Backoff {
         first: Duration::from_millis(400),
         max: Duration::from_secs(10),
         retries: 5,
+        routine: false,
     };
 
     /// Going back to a Delta log after another writer took the version we tried: short
@@ -45,6 +52,7 @@ impl Backoff {
         first: Duration::from_millis(20),
         max: Duration::from_secs(2),
         retries: 100,
+        routine: true,
     };
 
     /// Reading a shard again after its stream broke, or running a failed batch again.
@@ -53,6 +61,7 @@ impl Backoff {
             first: Duration::from_millis(400),
             max: Duration::from_secs(30),
             retries,
+            routine: false,
         }
     }
 
@@ -115,11 +124,12 @@ where
                 let Some(wait) = retries.next_delay() else {
                     return Err(e);
                 };
-                tracing::warn!(
-                    "{what}: attempt {}/{} failed ({e}); again in {wait:?}",
-                    retries.attempts() - 1,
-                    retries.max_attempts()
-                );
+                let (attempt, of) = (retries.attempts() - 1, retries.max_attempts());
+                if policy.routine {
+                    tracing::debug!("{what}: attempt {attempt}/{of} failed ({e}); again in {wait:?}");
+                } else {
+                    tracing::warn!("{what}: attempt {attempt}/{of} failed ({e}); again in {wait:?}");
+                }
                 tokio::time::sleep(wait).await;
             }
         }
@@ -136,6 +146,7 @@ mod tests {
             first: Duration::from_millis(100),
             max: Duration::from_millis(350),
             retries: 4,
+            routine: false,
         };
         let mut retries = policy.start();
         let windows = [100, 200, 350, 350];
@@ -160,6 +171,7 @@ mod tests {
             first: Duration::from_millis(1),
             max: Duration::from_millis(1),
             retries: 2,
+            routine: false,
         };
         let mut calls = 0;
         let r: Result<(), String> = retry(
