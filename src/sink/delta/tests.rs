@@ -1,9 +1,14 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema};
+use futures::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 
 use super::*;
 
@@ -209,5 +214,122 @@ fn concurrent_writers_each_land_once_at_contiguous_versions() {
                 "checkpoint {v}"
             );
         }
+    });
+}
+
+/// A store whose creates of commit files fail the way real ones do: the next `conflicts`
+/// answer `AlreadyExists` without writing (S3's 409 when two conditional writes of one
+/// key meet, where neither lands), and the next `lost_responses` write and then fail as
+/// a connection reset (the response of a create that landed is lost).
+#[derive(Debug, Default)]
+struct FailingCommits {
+    inner: InMemory,
+    conflicts: AtomicUsize,
+    lost_responses: AtomicUsize,
+}
+
+/// Takes one from `left` if any is left.
+fn take_one(left: &AtomicUsize) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+impl std::fmt::Display for FailingCommits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FailingCommits")
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FailingCommits {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let commit = opts.mode == PutMode::Create && location.as_ref().ends_with(".json");
+        if commit && take_one(&self.conflicts) {
+            return Err(object_store::Error::AlreadyExists {
+                path: location.to_string(),
+                source: "409 Conflict: a conditional write of this key was in progress".into(),
+            });
+        }
+        let put = self.inner.put_opts(location, payload, opts).await?;
+        if commit && take_one(&self.lost_responses) {
+            return Err(object_store::Error::Generic {
+                store: "FailingCommits",
+                source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            });
+        }
+        Ok(put)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[test]
+fn a_conflict_where_neither_write_landed_and_a_lost_response_leave_no_gap_and_no_duplicate() {
+    rt().block_on(async {
+        let store = Arc::new(FailingCommits::default());
+        let t = table_in(store.clone(), 100);
+        assert_eq!(
+            t.commit(&commit_of("a", "r"), &schema()).await.unwrap(),
+            Committed::Now(0)
+        );
+        // Two 409s in a row: the version is still free after each, so it is tried again;
+        // skipping to the next one would leave a gap that readers refuse.
+        store.conflicts.store(2, Ordering::SeqCst);
+        assert_eq!(
+            t.commit(&commit_of("b", "r"), &schema()).await.unwrap(),
+            Committed::Now(1)
+        );
+        // Our create landed but its answer was lost: the retried create finds the file,
+        // the log holds our id, and the shard counts as committed, once.
+        store.lost_responses.store(1, Ordering::SeqCst);
+        match t.commit(&commit_of("c", "r"), &schema()).await.unwrap() {
+            Committed::Before(adds) => assert_eq!(adds.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.conflicts.load(Ordering::SeqCst), 0, "both conflicts were met");
+        assert_eq!(
+            store.lost_responses.load(Ordering::SeqCst),
+            0,
+            "the lost response was met"
+        );
+        let fresh = table_in(store.clone(), 100);
+        let (commits, _) = fresh.list_log(0).await.unwrap();
+        assert_eq!(commits, vec![0, 1, 2], "contiguous versions");
+        let snap = fresh.snapshot(At::Latest).await.unwrap();
+        assert_eq!((snap.files.len(), snap.txns.len()), (3, 3), "each shard once");
     });
 }
