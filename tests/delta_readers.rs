@@ -1,6 +1,7 @@
-//! The output's Delta tables as other engines see them: the `deltalake` package and
-//! Polars read what several workers committed (on local disk and on S3) and see what
-//! dtta sees, version by version; a long log opens from its checkpoint; a process killed
+//! The output's Delta tables as other engines see them: the `deltalake` package, Polars
+//! and DuckDB's delta extension (built on the Delta project's Rust kernel) read what
+//! several workers committed (on local disk and on S3) and see what dtta sees, version
+//! by version; a long log opens from its checkpoint; a process killed
 //! between a shard's files and its commits, or between its two commits, leaves nothing
 //! half-visible, and the next run finishes the job once.
 
@@ -67,21 +68,23 @@ fn commit_shards(log: &dyn Fn(u64) -> String, v: u64) -> Vec<String> {
     serde_json::from_value(info["commitInfo"]["dtta"]["shards"].clone()).unwrap()
 }
 
-/// deltalake and Polars agree with each other and with dtta's summary and rows, and
-/// each version holds exactly the shards committed by then.
+/// deltalake, Polars and DuckDB agree with each other and with dtta's summary and rows, and
+/// each version holds exactly the shards committed by then. Returns what they saw.
 fn check_readers_agree(
     output: &str,
     env: &[(&str, String)],
     summary: &serde_json::Value,
     dtta_keys: BTreeSet<(String, String)>,
     log: &dyn Fn(u64) -> String,
-) {
+) -> serde_json::Value {
     let seen = read_with_other_engines(output, &["--all-versions"], env);
     for table in ["predictions", "steps"] {
-        assert_eq!(
-            seen[table]["deltalake"], seen[table]["polars"],
-            "{table}: the two readers agree"
-        );
+        for other in ["polars", "duckdb"] {
+            assert_eq!(
+                seen[table]["deltalake"], seen[table][other],
+                "{table}: deltalake and {other} agree"
+            );
+        }
     }
     let p = &seen["predictions"]["deltalake"];
     let total = summary["rows"]
@@ -127,8 +130,10 @@ fn check_readers_agree(
             .cloned()
             .collect();
         assert_eq!(shards, expected, "version {k}");
-        assert_eq!(at_k["deltalake"], at_k["polars"], "version {k}");
+        assert_eq!(at_k["deltalake"], at_k["polars"], "version {k}, polars");
+        assert_eq!(at_k["deltalake"], at_k["duckdb"], "version {k}, duckdb");
     }
+    seen
 }
 
 #[test]
@@ -142,11 +147,19 @@ fn other_engines_read_a_multi_worker_output_on_local_disk() {
         serde_json::from_slice(&std::fs::read(out.join("_runs/summary.json")).unwrap()).unwrap();
     let dtta_keys = committed_rows(&out).into_iter().map(|r| (r.shard, r.key)).collect();
     let log = |v: u64| std::fs::read_to_string(out.join(format!("predictions/_delta_log/{v:020}.json"))).unwrap();
-    check_readers_agree(out.to_str().unwrap(), &[], &summary, dtta_keys, &log);
-    // Interval 2 over 6 commits: checkpoints at 2 and 4, which deltalake opened above.
-    assert!(out
-        .join("predictions/_delta_log/00000000000000000004.checkpoint.parquet")
-        .exists());
+    let latest = check_readers_agree(out.to_str().unwrap(), &[], &summary, dtta_keys, &log);
+    // Interval 2 over 6 commits: checkpoints at 2 and 4. Without the commits before 4,
+    // every reader must open the latest version from that checkpoint, and see the same.
+    for v in 0..4 {
+        std::fs::remove_file(out.join(format!("predictions/_delta_log/{v:020}.json"))).unwrap();
+    }
+    let from_checkpoint = read_with_other_engines(out.to_str().unwrap(), &[], &[]);
+    for reader in ["deltalake", "polars", "duckdb"] {
+        assert_eq!(
+            from_checkpoint["predictions"][reader], latest["predictions"][reader],
+            "{reader} from the checkpoint at 4"
+        );
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 Usage: python tools/check_predictions.py OUTPUT_DIR SHARDS_DIR BUNDLE_DIR
 
 Reads the committed predictions as a Delta table with the `deltalake` package, and with
-DuckDB over the files of that snapshot, recomputes every prediction with torch.jit on
+DuckDB's delta extension (tools/read_delta.py loads it), recomputes every prediction with torch.jit on
 images decoded by PIL, and fails unless every sample appears exactly once with the same
 predicted class, and every row and commit names the bundle's digest. Prints the
 accuracy. Grayscale bundles only (the demo).
@@ -19,7 +19,6 @@ import os
 import sys
 import tarfile
 
-import duckdb
 from deltalake import DeltaTable
 import numpy as np
 import pyarrow as pa
@@ -27,6 +26,8 @@ import pyarrow.parquet as pq
 import torch
 import tomllib
 from PIL import Image
+
+from read_delta import duckdb_with_delta
 
 
 def bundle_sha256(bundle):
@@ -53,9 +54,9 @@ def main():
     markers = [json.loads(tags["dtta.commit"]) for tags in add_tags(dt)]
     assert len(markers) == len(files), "every file of the snapshot carries its commit record"
 
-    # DuckDB without its delta extension: the snapshot's file list.
-    con = duckdb.connect()
-    duck = dict(con.sql(f"SELECT key, pred_after FROM read_parquet({files!r})").fetchall())
+    # DuckDB with its delta extension: the table as the Delta project's kernel reads it.
+    table_url = os.path.abspath(os.path.join(out, "predictions"))
+    duck = dict(duckdb_with_delta(table_url).sql(f"SELECT key, pred_after FROM delta_scan('{table_url}')").fetchall())
     assert len(duck) == len(rows), f"duckdb sees {len(duck)} rows, pyarrow {len(rows)}"
 
     spec = tomllib.load(open(os.path.join(bundle, "bundle.toml"), "rb"))
