@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Seconds per image of Diffusion-TTA at the paper's budget: dtta against the Python
-# reference loop (tools/reference_tta.py --images), on the same images, the same bundle
-# and the same per-image (t, eps) draws, in fp32 and (on CUDA) bf16. Beside it, the same
+# reference loop (tools/reference_tta.py --images), on the same images and the same bundle
+# at the same budget, in fp32 and (on CUDA) bf16. The (t, eps) draws are of the same
+# distribution, not the same numbers (dtta draws from a generator of its own, the reference
+# from torch's), so "loss_first rel diff" is sampling noise, not a parity check (that is
+# tests/engine.rs), and a prediction near a tie may differ. Beside it, the same
 # run measures DUSA (method dusa, online, DUSA's batch of 64 = 8 images x accum 8,
 # 4 + 2 candidates at t = 100) on the same bundle.
 #
@@ -414,7 +417,7 @@ if table:
         if bad or r["reference_nonfinite"]:
             print(f"note: {r['config']}: dtta statuses {r['dtta_statuses']}, reference non-finite images {r['reference_nonfinite']}")
     print(f"dtta: fuse_accum {'true' if all(r['fuse_accum'] for r in table) else 'true/false'}, max_batch {max_batch}; "
-          "reference: the published loop (classifier every iteration, 15 pairs per iteration); same (t, eps) draws")
+          "reference: the published loop (classifier every iteration, 15 pairs per iteration); (t, eps) draws of the same distribution, not the same draws")
     if device == "cpu":
         print("bf16: not measured (CUDA autocast only; dtta refuses precision = \"bf16\" on the CPU)")
 if dusa:
