@@ -317,11 +317,7 @@ fn a_kill_after_the_files_and_before_the_commits_shows_nothing_and_vacuum_remove
 
     let o = run_three(tmp.path(), &out, &[]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("2 committed, 1 skipped"),
-        "{}",
-        text(&o)
-    );
+    assert_stdout_has(&o, "2 committed, 1 skipped");
     check_complete(&out);
 }
 
@@ -335,25 +331,13 @@ fn a_kill_between_the_two_commits_is_completed_by_the_next_run() {
     let predictions = committed_markers_of(&out, "predictions");
     assert_eq!(predictions.len(), 1);
     let o = run_dtta(&["summarize", out.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("1 committed shard(s)"),
-        "{}",
-        text(&o)
-    );
+    assert_stdout_has(&o, "1 committed shard(s)");
 
     // The next run commits the killed run's predictions file for that shard, then does
     // the third shard.
     let o = run_three(tmp.path(), &out, &[]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("completed the predictions commit"),
-        "{}",
-        text(&o)
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("1 committed, 2 skipped"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "completed the predictions commit");
+    assert_stdout_has(&o, "1 committed, 2 skipped");
     check_complete(&out);
 }

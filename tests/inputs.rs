@@ -186,11 +186,7 @@ fn image_folders_with_and_without_class_folders() {
         assert_eq!(r.label, Some(truth[key]), "{}", r.key);
     }
     let again = run_folder(&p, "input.folder.shard_size=25");
-    assert!(
-        String::from_utf8_lossy(&again.stdout).contains("4 skipped"),
-        "{}",
-        text(&again)
-    );
+    assert_stdout_has(&again, "4 skipped");
 
     let out2 = tmp.path().join("out-flat");
     let p = write_pipeline(

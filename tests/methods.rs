@@ -114,11 +114,7 @@ fn every_method_writes_its_rows_and_diffusion_tta_its_steps() {
             assert!(steps.is_empty(), "{name} writes no steps");
         }
         let summary = run_dtta(&["summarize", out.to_str().unwrap()]);
-        assert!(
-            String::from_utf8_lossy(&summary.stdout).contains(name),
-            "{}",
-            text(&summary)
-        );
+        assert_stdout_has(&summary, name);
     }
 }
 
@@ -185,11 +181,7 @@ fn unusable_method_settings_are_one_line_errors() {
     std::fs::write(bundle.join("bundle.toml"), spec.split("\n[diffusion]").next().unwrap()).unwrap();
     let o = run_dtta(&["run", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("no [diffusion] section"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "no [diffusion] section");
     assert!(committed_files(&out).is_empty(), "nothing committed");
 }
 
@@ -236,11 +228,7 @@ fn dusa_episodic_and_online_write_their_rows_and_steps_on_the_demo_bundle() {
         let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "runtime.batch_size=4"]);
         assert!(o.status.success(), "{name}: {}", text(&o));
         let summary = run_dtta(&["summarize", out.to_str().unwrap()]);
-        assert!(
-            String::from_utf8_lossy(&summary.stdout).contains(name),
-            "{}",
-            text(&summary)
-        );
+        assert_stdout_has(&summary, name);
         (dusa_rows(&out), steps_rows(&out))
     };
     let (episodic, e_steps) = run(
@@ -328,11 +316,7 @@ fn dusa_candidate_counts_beyond_the_classes_are_one_line_errors() {
     // A bad value in the config itself: exit 2, naming the key.
     let o = run_dtta(&["run", p.to_str().unwrap(), "--set", "tta.dusa.topk=0"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("tta.dusa.topk"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "tta.dusa.topk");
     assert!(committed_files(&out).is_empty(), "nothing committed");
 }
 
@@ -471,21 +455,13 @@ fn eata_reads_its_clean_images_or_says_it_needs_them() {
     );
     let o = run_dtta(&["run", p.to_str().unwrap(), "--no-progress"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("tta.eata.fisher_url"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "tta.eata.fisher_url");
     assert!(committed_files(&out).is_empty());
 
     let fisher = format!("tta.eata.fisher_url={}", input.display());
     let sets = ["--set", &fisher, "--set", "tta.eata.fisher_samples=40"];
     let o = run_dtta(&[&["run", p.to_str().unwrap(), "--no-progress"], &sets[..]].concat());
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("Fisher information from 40 clean image(s) in 1 batch(es)"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "Fisher information from 40 clean image(s) in 1 batch(es)");
     assert_eq!(committed_files(&out).len(), 1);
 }

@@ -210,17 +210,9 @@ fn s3_input_and_output_commit_once_and_keep_secrets() {
     assert_eq!(keys.iter().collect::<BTreeSet<_>>().len(), 300, "each key once");
 
     let again = run_with_env(&s3.env(), &["run", p.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&again.stdout).contains("3 skipped"),
-        "{}",
-        text(&again)
-    );
+    assert_stdout_has(&again, "3 skipped");
     let plan = run_with_env(&s3.env(), &["plan", p.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&plan.stdout).contains("3 committed, 0 to do"),
-        "{}",
-        text(&plan)
-    );
+    assert_stdout_has(&plan, "3 committed, 0 to do");
 
     // The server honours PutMode::Create: another run's commit of the shard loses; the
     // same run committing again (a retried request) finds its own commit.
@@ -283,11 +275,7 @@ fn azure_input_and_output_through_azurite() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(committed_keys(&store, "out").len(), 200);
     let again = run_with_env(&az.env(), &["run", p.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&again.stdout).contains("2 skipped"),
-        "{}",
-        text(&again)
-    );
+    assert_stdout_has(&again, "2 skipped");
 }
 
 #[test]

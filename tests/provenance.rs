@@ -182,11 +182,7 @@ fn a_wrong_pin_exits_2_with_both_digests_and_writes_nothing() {
     // A pin that is no digest is a configuration error.
     let o = run_dtta(&["run", pipeline.to_str().unwrap(), "--set", "model.sha256=e25fa978"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("model.sha256"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "model.sha256");
 
     // The right pin runs; without one, the digest is logged with a hint to pin it.
     let pinned = format!("model.sha256={}", demo.to_uppercase());

@@ -64,20 +64,12 @@ fn demo_pipeline_writes_one_row_per_sample_and_a_summary() {
     // A rerun finds everything committed and writes no new rows.
     let o = run_dtta(&["run", pipeline.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("10 skipped"),
-        "{}",
-        text(&o)
-    );
+    assert_stdout_has(&o, "10 skipped");
     assert_eq!(all_prediction_files(&out).len(), 10);
 
     // `plan` agrees, and `summarize` reads the markers.
     let o = run_dtta(&["plan", pipeline.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("10 committed, 0 to do"),
-        "{}",
-        text(&o)
-    );
+    assert_stdout_has(&o, "10 committed, 0 to do");
     let o = run_dtta(&["summarize", out.to_str().unwrap()]);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -219,7 +211,7 @@ fn a_truncated_tar_fails_its_shard_only_and_a_rerun_finishes_the_job() {
     std::fs::write(&broken, &full).unwrap();
     let o = run_dtta(&["run", pipeline_s]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("2 skipped"), "{}", text(&o));
+    assert_stdout_has(&o, "2 skipped");
     let rows = committed_rows(&out);
     assert_eq!(rows.len(), 60);
     let keys: BTreeSet<_> = rows.iter().map(|r| r.key.clone()).collect();
@@ -242,19 +234,11 @@ fn bad_config_names_the_key_and_the_file() {
     let pipeline = write_pipeline(tmp.path(), "x/", "y/", "");
     let o = run_dtta(&["run", pipeline.to_str().unwrap(), "--set", "runtime.batch_size=-1"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("--set runtime.batch_size=-1"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "--set runtime.batch_size=-1");
 
     let o = run_dtta(&["run", tmp.path().join("missing.toml").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("missing.toml"),
-        "{}",
-        text(&o)
-    );
+    assert_stderr_has(&o, "missing.toml");
 }
 
 #[test]
@@ -277,18 +261,10 @@ fn missing_shards_and_devices_are_clear_errors() {
     let gpu = run_dtta(&["inspect", demo_bundle().to_str().unwrap(), "--device", "auto"]);
     if String::from_utf8_lossy(&gpu.stdout).contains("device:      cpu") {
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-        assert!(
-            String::from_utf8_lossy(&o.stderr).contains("CUDA is not available"),
-            "{}",
-            text(&o)
-        );
+        assert_stderr_has(&o, "CUDA is not available");
         let o = run_dtta(&["run", pipeline.to_str().unwrap(), "--set", "runtime.device=cuda"]);
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-        assert!(
-            String::from_utf8_lossy(&o.stderr).contains("CUDA is not available"),
-            "{}",
-            text(&o)
-        );
+        assert_stderr_has(&o, "CUDA is not available");
     } else {
         assert!(o.status.success(), "{}", text(&o));
     }

@@ -34,6 +34,28 @@ pub fn text(output: &Output) -> String {
     )
 }
 
+/// Fails, printing the whole output, unless the process's stdout contains `needle`.
+#[track_caller]
+pub fn assert_stdout_has(output: &Output, needle: impl AsRef<str>) {
+    let needle = needle.as_ref();
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains(needle),
+        "stdout lacks {needle:?}\n{}",
+        text(output)
+    );
+}
+
+/// Fails, printing the whole output, unless the process's stderr contains `needle`.
+#[track_caller]
+pub fn assert_stderr_has(output: &Output, needle: impl AsRef<str>) {
+    let needle = needle.as_ref();
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(needle),
+        "stderr lacks {needle:?}\n{}",
+        text(output)
+    );
+}
+
 pub fn demo_bundle() -> PathBuf {
     repo().join("configs/bundles/demo-mnist")
 }
