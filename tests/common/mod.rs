@@ -37,21 +37,20 @@ pub fn text(output: &Output) -> String {
 /// Fails, printing the whole output, unless the process's stdout contains `needle`.
 #[track_caller]
 pub fn assert_stdout_has(output: &Output, needle: impl AsRef<str>) {
-    let needle = needle.as_ref();
-    assert!(
-        String::from_utf8_lossy(&output.stdout).contains(needle),
-        "stdout lacks {needle:?}\n{}",
-        text(output)
-    );
+    assert_stream_has(output, "stdout", &output.stdout, needle.as_ref());
 }
 
 /// Fails, printing the whole output, unless the process's stderr contains `needle`.
 #[track_caller]
 pub fn assert_stderr_has(output: &Output, needle: impl AsRef<str>) {
-    let needle = needle.as_ref();
+    assert_stream_has(output, "stderr", &output.stderr, needle.as_ref());
+}
+
+#[track_caller]
+fn assert_stream_has(output: &Output, stream: &str, bytes: &[u8], needle: &str) {
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains(needle),
-        "stderr lacks {needle:?}\n{}",
+        String::from_utf8_lossy(bytes).contains(needle),
+        "{stream} lacks {needle:?}\n{}",
         text(output)
     );
 }
